@@ -1,0 +1,1 @@
+"""Distributed training pipeline for modern image-classification networks."""

@@ -1,0 +1,1 @@
+"""Data layer: embedded dataset, WebDataset shards on disk/S3, streaming loader."""

@@ -1,0 +1,289 @@
+"""Streaming batches from WebDataset shards (local or s3://) for one rank of a DDP job.
+
+The contract the training loop relies on:
+
+* **Training: every rank yields exactly ``num_batches`` batches per epoch**, whatever the shard sizes. DDP
+  all-reduces gradients every step, so one rank with a batch more than the others hangs the job at epoch
+  end (facts.md: 5 vs 3 batches timed out). ``num_batches = num_samples // (world_size * batch_size)``,
+  i.e. one epoch sees (almost) every sample once in expectation. Each loader slot (rank x DataLoader
+  worker) streams its share of shards, cycling into a reshuffled next pass when its shards run short, and
+  stops at its exact quota of batches.
+* **Shard order changes every epoch** (seed + epoch): webdataset's own ``shardshuffle`` repeats the same
+  order every epoch, so the shuffling of the shard list is done here. Samples are shuffled in a buffer.
+* **Evaluation covers every sample exactly once across ranks**: no shuffle, no cycling, no padding, and
+  the last batch of each slot may be short. Ranks may therefore differ in batch count (``num_batches`` is
+  per rank); the evaluation loop must not run collectives per step, only one all-reduce of its sums at
+  the end. ``num_samples`` is this rank's exact share.
+* Shards are split between slots when there are at least as many shards as slots; otherwise (tiny data,
+  many workers) every slot reads all shards and keeps every n-th sample, which is exact but reads more.
+* Class-balanced **oversampling** (with replacement): each sample is repeated floor(r) or ceil(r) times
+  with r = N / (C * n_class), so classes become equally frequent in expectation and the epoch length stays
+  N. Copies are augmented independently because decoding happens after the repeat.
+
+Batches are ``(images uint8 [B, 3, R, R], labels int64 [B])``; normalize on the device with
+``pipeline.data.transforms.normalize``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig
+from pipeline.data import storage, transforms
+from pipeline.data.manifest import Manifest
+
+
+class LoaderError(ValueError):
+    """The data cannot feed the requested configuration (e.g. fewer samples than one global batch)."""
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Which shards a loader slot reads in one pass, and which of their samples it keeps."""
+
+    shard_indices: list[int]
+    keep_every: int
+    """1 when the slot owns whole shards; n_slots when it keeps sample j iff j % n_slots == keep_offset."""
+    keep_offset: int
+
+
+def plan_slot(shard_order: list[int], *, slot: int, n_slots: int) -> SlotPlan:
+    if len(shard_order) >= n_slots:
+        return SlotPlan(shard_order[slot::n_slots], 1, 0)
+    return SlotPlan(list(shard_order), n_slots, slot)
+
+
+def slot_sample_count(manifest: Manifest, *, slot: int, n_slots: int) -> int:
+    """Exact number of samples a slot sees in one unshuffled pass (used for evaluation counts)."""
+    plan = plan_slot(list(range(len(manifest.shards))), slot=slot, n_slots=n_slots)
+    if plan.keep_every == 1:
+        return sum(manifest.shards[i].num_samples for i in plan.shard_indices)
+    return len(range(plan.keep_offset, manifest.num_samples, plan.keep_every))
+
+
+def split_quota(total: int, parts: int, index: int) -> int:
+    """Share ``index`` of ``total`` items dealt as evenly as possible over ``parts``."""
+    return total // parts + (1 if index < total % parts else 0)
+
+
+def repeat_factors(manifest: Manifest) -> list[float]:
+    """Per-class repeat factor N / (C * n_c) that makes classes equally frequent at unchanged epoch length."""
+    counts = manifest.counts()
+    present = sum(1 for n in counts if n > 0)
+    return [manifest.num_samples / (present * n) if n > 0 else 0.0 for n in counts]
+
+
+def _seed(*parts: int) -> int:
+    """A stable integer seed from parts (Python's hash of tuples is salted per process for str, not int,
+    but spelling it out keeps the stream identical across Python versions)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63)
+    return value
+
+
+def _read_samples(urls: list[str]) -> Iterator[dict]:
+    """Raw samples (dicts of bytes) from tar shards, in order, via webdataset's tar iterators."""
+    if any(storage.is_s3(u) for u in urls):
+        # Re-registered here because spawn/forkserver workers do not inherit the parent's registration.
+        from pipeline.data.s3 import register_webdataset_opener
+
+        register_webdataset_opener()
+    opened = wds.tariterators.url_opener({"url": u} for u in urls)
+    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))
+
+
+class _SlotStream(IterableDataset):
+    """The per-epoch stream of one rank; DataLoader workers each take their slot of it."""
+
+    def __init__(self, *, manifest: Manifest, cfg: DataConfig, train: bool, rank: int, world_size: int,
+                 epoch: int, batches_per_rank: int) -> None:
+        super().__init__()
+        self.urls = manifest.shard_urls()
+        self.cfg = cfg
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = epoch
+        self.batches_per_rank = batches_per_rank
+        self.factors = repeat_factors(manifest) if (train and cfg.oversample) else None
+        self.transform = (
+            transforms.train_transform(cfg.resolution, augment=cfg.augment, min_crop_scale=cfg.min_crop_scale)
+            if train
+            else transforms.eval_transform(cfg.resolution)
+        )
+
+    def _pass(self, shard_order: list[int], slot: int, n_slots: int) -> Iterator[dict]:
+        plan = plan_slot(shard_order, slot=slot, n_slots=n_slots)
+        for j, sample in enumerate(_read_samples([self.urls[i] for i in plan.shard_indices])):
+            if j % plan.keep_every == plan.keep_offset:
+                yield sample
+
+    def _train_samples(self, slot: int, n_slots: int, rng: random.Random) -> Iterator[dict]:
+        for pass_index in range(1_000_000):
+            order = list(range(len(self.urls)))
+            # Same order on every slot (the seed has no slot in it), so slots partition the shards.
+            random.Random(_seed(self.cfg.seed, self.epoch, pass_index)).shuffle(order)
+            produced = 0
+            for sample in self._pass(order, slot, n_slots):
+                produced += 1
+                if self.factors is None:
+                    yield sample
+                    continue
+                r = self.factors[int(sample["cls"])]
+                for _ in range(int(r) + (rng.random() < r - int(r))):
+                    yield sample
+            if produced == 0:
+                raise LoaderError(f"loader slot {slot} of {n_slots} got no samples from {len(self.urls)} shards")
+        raise AssertionError("unreachable: the consumer stops at its batch quota")
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+        try:
+            image = transforms.decode(sample["jpg"])
+            label = int(sample["cls"])
+        except Exception as err:  # a corrupt member: name it instead of a bare decoder traceback
+            raise LoaderError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {err}") from err
+        return self.transform(image), label
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, n_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        batch_size = self.cfg.batch_size_per_worker
+        if self.train:
+            quota = split_quota(self.batches_per_rank, num_workers, worker)
+            if quota == 0:
+                return
+            rng = random.Random(_seed(self.cfg.seed, self.epoch, slot, 1))
+            torch.manual_seed(_seed(self.cfg.seed, self.epoch, slot, 2))  # augmentation randomness
+            samples = wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(
+                self._train_samples(slot, n_slots, rng)
+            )
+        else:
+            quota = None
+            samples = self._pass(list(range(len(self.urls))), slot, n_slots)
+        produced = 0
+        images, labels = [], []
+        for sample in samples:
+            image, label = self._decode(sample)
+            images.append(image)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                images, labels = [], []
+                produced += 1
+                if produced == quota:
+                    return
+        if images and not self.train:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class ShardLoader:
+    """Batches of one split for one rank. Re-iterable; call ``set_epoch`` before each training epoch."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise LoaderError(f"rank {rank} is outside world size {world_size}")
+        self.manifest = manifest
+        self.cfg = cfg
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        batch = cfg.batch_size_per_worker
+        self.num_workers = cfg.loader_workers
+        if train:
+            self.num_batches = manifest.num_samples // (world_size * batch)
+            if self.num_batches == 0:
+                raise LoaderError(
+                    f"{manifest.url}: {manifest.num_samples} samples are fewer than one global batch "
+                    f"({world_size} workers x data.batch_size_per_worker={batch}); lower the batch size"
+                )
+            self.num_samples = self.num_batches * batch
+        else:
+            n_slots = world_size * max(1, self.num_workers)
+            workers = range(max(1, self.num_workers))
+            counts = [slot_sample_count(manifest, slot=rank * len(workers) + w, n_slots=n_slots) for w in workers]
+            self.num_samples = sum(counts)
+            self.num_batches = sum(math.ceil(c / batch) for c in counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = _SlotStream(
+            manifest=self.manifest,
+            cfg=self.cfg,
+            train=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=self.epoch,
+            batches_per_rank=self.num_batches,
+        )
+        if self.num_workers == 0:
+            batches: Iterable = stream
+        else:
+            batches = DataLoader(
+                stream,
+                batch_size=None,  # batches are assembled in the workers: one IPC message per batch
+                num_workers=self.num_workers,
+                multiprocessing_context=self.cfg.multiprocessing_context,
+                prefetch_factor=4,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=False,  # workers are re-forked per epoch and so see the new epoch
+            )
+        count = 0
+        for batch in batches:
+            count += 1
+            yield batch
+        assert count == self.num_batches, f"rank {self.rank} produced {count} batches, planned {self.num_batches}"
+
+
+def build_loader(manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1) -> ShardLoader:
+    """The loader of one split for one rank (see the module docstring for the guarantees)."""
+    return ShardLoader(manifest, cfg, train=train, rank=rank, world_size=world_size)
+
+
+class DataWait:
+    """Fraction of a loop's wall time spent blocked waiting for the next batch.
+
+    ``wait_fraction`` near 0 means the model is the bottleneck; near 1 means the loader starves it (add
+    loader workers, or shard with --resize-short). Wrap the batches: ``for b in meter.iterate(loader)``.
+    """
+
+    def __init__(self) -> None:
+        self.wait_seconds = 0.0
+        self.total_seconds = 0.0
+        self.batches = 0
+
+    def iterate(self, batches: Iterable) -> Iterator:
+        iterator = iter(batches)
+        start = time.perf_counter()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                self.wait_seconds += time.perf_counter() - t0
+                self.batches += 1
+                yield batch
+        finally:
+            self.total_seconds += time.perf_counter() - start
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.wait_seconds / self.total_seconds if self.total_seconds > 0 else 0.0

@@ -1,0 +1,60 @@
+"""Image transforms: JPEG bytes -> uint8 CHW tensors in loader workers, float normalization on the device.
+
+Decoding with ``torchvision.io.decode_jpeg`` and augmenting uint8 tensors with transforms v2 is ~1.9x
+faster per core than PIL (facts.md: ~850 vs ~450 img/s at 224 px). Batches leave the loader as uint8, which
+is 4x less inter-process and host-to-device traffic than float32; ``normalize`` converts them on the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Eval resizes the short side to resolution / 0.875 before the center crop (224 <- 256), as in the
+# ImageNet reference recipes.
+EVAL_CROP_FRACTION = 0.875
+
+# torchvision 0.29 announces the move of image decoding to TorchCodec on every call; the API still works.
+warnings.filterwarnings("ignore", message=".*[Dd]ecod.*TorchCodec.*")
+warnings.filterwarnings("ignore", message=".*torchvision.io.*deprecated.*")
+
+
+def decode(jpeg: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 tensor (3, H, W). Grayscale JPEGs become 3 channels."""
+    data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    return decode_jpeg(data, mode=ImageReadMode.RGB)
+
+
+def train_transform(
+    resolution: int, *, augment: Literal["basic", "trivialaugment"] = "basic", min_crop_scale: float = 0.08
+) -> v2.Transform:
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(resolution, scale=(min_crop_scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    return v2.Compose(steps)
+
+
+def eval_transform(resolution: int) -> v2.Transform:
+    return v2.Compose(
+        [v2.Resize(round(resolution / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(resolution)]
+    )
+
+
+def normalize(
+    images: torch.Tensor, *, device: torch.device | str | None = None, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 normalized with ImageNet statistics, on ``device``."""
+    images = images.to(device, non_blocking=True) if device is not None else images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    out = (images.float() - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out

@@ -1,0 +1,148 @@
+"""CIFAR-style networks for 32-64 px inputs: the depth-10 baseline, plain nets and the CIFAR ResNets.
+
+The plain nets and ResNets share one layout (He et al. 2015, section 4.2), so the degradation experiment
+compares like with like: a 3x3 conv with 16 filters, then 3 stages of n blocks of two 3x3 convs with 16, 32
+and 64 filters (stages 2 and 3 start with a stride-2 conv), global average pooling and one linear layer:
+depth = 6n + 2 weighted layers. A plain net is the same network with the shortcuts removed.
+
+Shortcuts where a block halves H, W and doubles C:
+- ``"A"`` (the paper's CIFAR choice, the default): identity on every second pixel, the new channels zero-padded;
+  no parameters, so the counts equal the paper's table (ResNet-20 0.27M ... ResNet-1202 19.4M).
+- ``"B"`` (the lecture's projection variant): a 1x1 conv with stride 2 (+ BatchNorm) before the sum.
+
+The depth-10 baseline is the previous lecture's plain design: 3 stages of 3 conv-BN-ReLU layers (32, 64, 128
+filters, 2x2 max-pooling between stages), global average pooling and a linear layer: 9 conv + 1 linear.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Shortcut = Literal["A", "B"]
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option A: subsample by 2 and zero-pad the extra channels (no parameters)."""
+
+    def __init__(self, extra_channels: int) -> None:
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers; with ``residual`` the input (or its shortcut) is added before the last ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, residual: bool, shortcut: Shortcut):
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.residual = residual
+        self.shortcut: nn.Module = nn.Identity()
+        if residual and (stride != 1 or in_channels != out_channels):
+            if shortcut == "A":
+                assert stride == 2 and out_channels >= in_channels, "option A only halves H, W and widens C"
+                self.shortcut = PadShortcut(out_channels - in_channels)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.residual:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+def _init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class CifarNet(nn.Module):
+    """Plain net or CIFAR ResNet of depth 6n + 2; ``layer1..layer3`` are the stages (feature nodes)."""
+
+    def __init__(
+        self,
+        depth: int,
+        *,
+        residual: bool,
+        num_classes: int,
+        dropout: float = 0.0,
+        shortcut: Shortcut = "A",
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, 1202), got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero-padding identity) or 'B' (1x1 projection), got {shortcut!r}")
+        blocks_per_stage = (depth - 2) // 6
+        self.conv1 = _conv3x3(3, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages = []
+        in_channels = widths[0]
+        for index, width in enumerate(widths):
+            blocks = []
+            for block_index in range(blocks_per_stage):
+                stride = 2 if index > 0 and block_index == 0 else 1
+                blocks.append(BasicBlock(in_channels, width, stride, residual=residual, shortcut=shortcut))
+                in_channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(in_channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x))
+
+
+class BaselineNet(nn.Module):
+    """The lecture's depth-10 plain baseline (module docstring); ``layer1..layer3`` are the stages."""
+
+    def __init__(self, *, num_classes: int, dropout: float = 0.0, widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        stages = []
+        in_channels = 3
+        for width in widths:
+            layers: list[nn.Module] = []
+            for _ in range(3):
+                layers += [_conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                in_channels = width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.MaxPool2d(2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(in_channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.layer1(x))
+        x = self.pool(self.layer2(x))
+        x = torch.flatten(self.avgpool(self.layer3(x)), 1)
+        return self.fc(self.dropout(x))

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real S3-compatible HTTP server (moto) on 127.0.0.1, and offline switches.
+
+The moto server is started once per session on a free port (never its default 0.0.0.0:5000, which collides
+with MLflow). Tests get a fresh, empty bucket through ``s3_bucket``; boto3 finds the endpoint through the
+standard ``AWS_ENDPOINT_URL_S3`` variable, exactly as it would for any S3-compatible store on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Offline and quiet: no telemetry, no usage stats. Set before anything imports mlflow or ray.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start moto's threaded server on 127.0.0.1:<free port>; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            # Dummy credentials for the local test server only; real ones come from the AWS environment.
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new empty bucket on the moto server; yields its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
