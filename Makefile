@@ -15,7 +15,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
@@ -30,11 +29,11 @@ demo: setup
 bench: bench-data
 
 bench-data: setup
-	$(PY) jobs/bench_data.py
+	$(PY) benchmarks/bench_data.py
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline jobs tests
-	$(VENV)/bin/ruff format --check pipeline jobs tests
+	$(VENV)/bin/ruff check pipeline jobs tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline jobs tests benchmarks
 
 clean:
 	rm -rf .cache build *.egg-info .pytest_cache

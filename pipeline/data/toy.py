@@ -51,17 +51,18 @@ SPLITS: tuple[Split, ...] = ("train", "val")
 # and in the shard manifests (index = position in the sorted class names).
 PRETRAIN_CLASSES: tuple[str, ...] = (
     "arrow",
+    "bar",
     "circle",
     "crescent",
     "cross",
-    "hexagon",
-    "pentagon",
     "ring",
     "square",
     "star",
+    "teardrop",
     "triangle",
 )
-"""The pretrain label set: 10 outlines that differ under any rotation (no square/diamond pair)."""
+"""The pretrain label set: 10 outlines that stay distinct under any rotation and at 32 px (no square/diamond
+pair; pentagon and hexagon were dropped because at a radius of 6 px they are circles)."""
 
 DOWNSTREAM_CLASSES: tuple[str, ...] = ("chevron", "heart", "hourglass", "semicircle", "trapezoid")
 """The downstream pool, none of them in PRETRAIN_CLASSES; the first ``downstream_classes`` are used."""
@@ -254,6 +255,13 @@ def _heart() -> np.ndarray:
     return pts
 
 
+def _teardrop() -> np.ndarray:
+    # A disc of radius 0.7 centred at x=-0.25 whose right side is drawn out to a point at x=1.
+    t = np.linspace(0.35 * np.pi, 1.65 * np.pi, 36)
+    arc = np.stack([-0.25 + 0.7 * np.cos(t), 0.7 * np.sin(t)], axis=1)
+    return np.concatenate([arc, [[1.0, 0.0]]])
+
+
 def _semicircle() -> np.ndarray:
     t = np.linspace(0, np.pi, 25)
     # Shift by the centroid (4/(3*pi) ~ 0.42) so the shape's mass sits at the drawn centre.
@@ -293,11 +301,11 @@ def _outlines() -> dict[str, Outline]:
                 True,
             )
         ],
-        "hexagon": [(_regular(6), True)],
-        "pentagon": [(_regular(5, phase=-np.pi / 2), True)],
+        "bar": [(_poly((-1.1, -0.32), (1.1, -0.32), (1.1, 0.32), (-1.1, 0.32)), True)],
         "ring": [(circle, True), (_regular(48, 0.55), False)],
         "square": [(_regular(4, 1.1, phase=np.pi / 4), True)],
         "star": [(_star(5, 0.45), True)],
+        "teardrop": [(_teardrop(), True)],
         "triangle": [(_regular(3, 1.1, phase=-np.pi / 2), True)],
         "chevron": [(_poly((-1, 0.1), (0, -0.8), (1, 0.1), (1, 0.7), (0, -0.2), (-1, 0.7)), True)],
         "heart": [(_heart(), True)],
@@ -390,8 +398,8 @@ def _texture(
     xs, ys = xs[y0:y1, x0:x1], ys[y0:y1, x0:x1]
     angle = rng.uniform(0, np.pi)
     cos, sin = np.float32(math.cos(angle)), np.float32(math.sin(angle))
-    # Period 5-12% of the image: 3-8 px at 64 px, visible after downsampling but finer than the shape.
-    period = np.float32(side * rng.uniform(0.05, 0.12))
+    # Period 7-15% of the image: 4.5-10 px at 64 px, 2-5 px at 32 px: finer than the shape, coarser than aliasing.
+    period = np.float32(side * rng.uniform(0.07, 0.15))
     u = (xs * cos + ys * sin) / period
     # Parities via int32 & 1 and fractions via x - floor(x): numpy's float % is ~10x slower.
     kind = rng.integers(4)
@@ -445,26 +453,26 @@ def _clutter(rng: np.random.Generator, side: int) -> Image.Image:
             fill=_rgba(_colour(rng, (0, 1), (0, 1)), rng.uniform(40, 110)),
         )
     names = sorted(_outlines())
-    for _ in range(rng.integers(1, 4)):  # 1-3 distractors at 8-14% radius (the object: 20-36%), faint
+    for _ in range(rng.integers(1, 4)):  # 1-3 distractors at 7-13% radius (the object: 20-36%), faint
         outline = _place(
             _outlines()[names[rng.integers(len(names))]],
             cx=rng.uniform(0, side),
             cy=rng.uniform(0, side),
-            radius=side * rng.uniform(0.08, 0.14),
+            radius=side * rng.uniform(0.07, 0.13),
             angle=rng.uniform(0, 2 * np.pi),
             aspect=rng.uniform(0.85, 1.15),
         )
         _draw_outline(
-            draw, outline, fill=_rgba(_colour(rng, (0, 1), (0.2, 1)), rng.uniform(60, 120)), hole=(0, 0, 0, 0)
+            draw, outline, fill=_rgba(_colour(rng, (0, 1), (0.2, 1)), rng.uniform(50, 100)), hole=(0, 0, 0, 0)
         )
     return layer
 
 
 def _contrasting(rng: np.random.Generator, against: np.ndarray) -> np.ndarray:
-    """A random colour at least 80/255 (RGB distance) from ``against``, so the object stays visible."""
+    """A random colour at least 100/255 (RGB distance) from ``against``, so the object stays visible."""
     colour = _colour(rng, sat=(0.2, 1.0), val=(0.15, 1.0))
     for _ in range(8):
-        if np.linalg.norm(colour - against) >= 80:
+        if np.linalg.norm(colour - against) >= 100:
             break
         colour = _colour(rng, sat=(0.2, 1.0), val=(0.15, 1.0))
     return colour
@@ -494,8 +502,8 @@ def _render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     box = mask.getbbox() or (0, 0, 1, 1)  # None only if the object is wholly outside, which margin forbids
     canvas.paste(_texture(rng, side, box, c1, c2), box[:2], mask.crop(box))
 
-    # In 40% of images an opaque occluder (30-55% of the object's radius) covers part of its edge.
-    if rng.uniform() < 0.4:
+    # In 35% of images an opaque occluder (30-55% of the object's radius) covers part of its edge.
+    if rng.uniform() < 0.35:
         theta = rng.uniform(0, 2 * np.pi)
         dist = radius * rng.uniform(0.6, 1.0)
         ox, oy = cx + dist * math.cos(theta), cy + dist * math.sin(theta)
@@ -509,8 +517,8 @@ def _render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
             draw.rectangle(box, fill=colour)
 
     small = canvas.reduce(_SUPERSAMPLE)
-    # Sensor-like noise, sigma 3-10 grey levels, so no two images of a flat colour are identical.
-    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(3, 10) * rng.standard_normal(
+    # Sensor-like noise, sigma 2-8 grey levels, so no two images of a flat colour are identical.
+    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(2, 8) * rng.standard_normal(
         (size, size, 3), dtype=np.float32
     )
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")

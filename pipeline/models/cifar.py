@@ -146,3 +146,55 @@ class BaselineNet(nn.Module):
         x = self.pool(self.layer2(x))
         x = torch.flatten(self.avgpool(self.layer3(x)), 1)
         return self.fc(self.dropout(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registration
+
+from pipeline.models.registry import ModelSpec, register  # noqa: E402
+
+
+def _build_baseline(*, num_classes: int, dropout: float) -> nn.Module:
+    return BaselineNet(num_classes=num_classes, dropout=dropout)
+
+
+def _cifar_builder(depth: int, *, residual: bool):
+    def build(*, num_classes: int, dropout: float, shortcut: Shortcut = "A") -> nn.Module:
+        return CifarNet(depth, residual=residual, num_classes=num_classes, dropout=dropout, shortcut=shortcut)
+
+    return build
+
+
+register(
+    ModelSpec(
+        name="cifar_baseline10",
+        family="baseline",
+        resolution=32,
+        builder=_build_baseline,
+        default_dropout=0.0,
+        description="lecture's depth-10 plain baseline: 9 conv (32/64/128) + 1 linear, max-pooling",
+    )
+)
+for _depth in (20, 32, 44, 56):
+    register(
+        ModelSpec(
+            name=f"cifar_plain{_depth}",
+            family="cifar_plain",
+            resolution=32,
+            builder=_cifar_builder(_depth, residual=False),
+            default_dropout=0.0,
+            description=f"CIFAR ResNet-{_depth} layout without shortcuts (degradation experiment)",
+        )
+    )
+for _depth in (20, 32, 44, 56, 110, 1202):
+    register(
+        ModelSpec(
+            name=f"cifar_resnet{_depth}",
+            family="cifar_resnet",
+            resolution=32,
+            builder=_cifar_builder(_depth, residual=True),
+            default_dropout=0.0,
+            scaling={"shortcut": "A"},
+            description=f"CIFAR ResNet-{_depth} (He et al. 2015), 16/32/64 filters, option-A shortcuts",
+        )
+    )
