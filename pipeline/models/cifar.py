@@ -43,7 +43,9 @@ class PadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers; with ``residual`` the input (or its shortcut) is added before the last ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, residual: bool, shortcut: Shortcut):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, residual: bool, shortcut: Shortcut
+    ):
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -95,7 +97,9 @@ class CifarNet(nn.Module):
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, 1202), got {depth}")
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (zero-padding identity) or 'B' (1x1 projection), got {shortcut!r}")
+            raise ValueError(
+                f"shortcut must be 'A' (zero-padding identity) or 'B' (1x1 projection), got {shortcut!r}"
+            )
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = _conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -124,7 +128,9 @@ class CifarNet(nn.Module):
 class BaselineNet(nn.Module):
     """The lecture's depth-10 plain baseline (module docstring); ``layer1..layer3`` are the stages."""
 
-    def __init__(self, *, num_classes: int, dropout: float = 0.0, widths: tuple[int, int, int] = (32, 64, 128)):
+    def __init__(
+        self, *, num_classes: int, dropout: float = 0.0, widths: tuple[int, int, int] = (32, 64, 128)
+    ):
         super().__init__()
         stages = []
         in_channels = 3
@@ -172,6 +178,7 @@ register(
         resolution=32,
         builder=_build_baseline,
         default_dropout=0.0,
+        published_num_classes=10,
         description="lecture's depth-10 plain baseline: 9 conv (32/64/128) + 1 linear, max-pooling",
     )
 )
@@ -183,6 +190,7 @@ for _depth in (20, 32, 44, 56):
             resolution=32,
             builder=_cifar_builder(_depth, residual=False),
             default_dropout=0.0,
+            published_num_classes=10,
             description=f"CIFAR ResNet-{_depth} layout without shortcuts (degradation experiment)",
         )
     )
@@ -194,6 +202,7 @@ for _depth in (20, 32, 44, 56, 110, 1202):
             resolution=32,
             builder=_cifar_builder(_depth, residual=True),
             default_dropout=0.0,
+            published_num_classes=10,
             scaling={"shortcut": "A"},
             description=f"CIFAR ResNet-{_depth} (He et al. 2015), 16/32/64 filters, option-A shortcuts",
         )

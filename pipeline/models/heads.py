@@ -112,7 +112,9 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
     return split
 
 
-def param_groups(model: nn.Module, *, lr_head: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, *, lr_head: float, lr_backbone: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """Optimizer param groups: head and backbone learning rates, no weight decay on biases and norms.
 
     Frozen parameters are left out, empty groups dropped; each group carries a ``name`` for logging, e.g.
@@ -123,6 +125,11 @@ def param_groups(model: nn.Module, *, lr_head: float, lr_backbone: float, weight
         {"name": "head", "params": split.head_decay, "lr": lr_head, "weight_decay": weight_decay},
         {"name": "head_no_decay", "params": split.head_no_decay, "lr": lr_head, "weight_decay": 0.0},
         {"name": "backbone", "params": split.backbone_decay, "lr": lr_backbone, "weight_decay": weight_decay},
-        {"name": "backbone_no_decay", "params": split.backbone_no_decay, "lr": lr_backbone, "weight_decay": 0.0},
+        {
+            "name": "backbone_no_decay",
+            "params": split.backbone_no_decay,
+            "lr": lr_backbone,
+            "weight_decay": 0.0,
+        },
     ]
     return [group for group in groups if group["params"]]

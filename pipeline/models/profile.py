@@ -124,7 +124,8 @@ def measure_training_images_per_second(
 def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{device} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def profile_model(
@@ -132,15 +133,19 @@ def profile_model(
     *,
     resolution: int | None = None,
     batch_size: int = 32,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     device: str | torch.device = "cpu",
     timing: bool = True,
     warmup: int = 2,
     repeats: int = 5,
     **scaling: Any,
 ) -> ModelProfile:
-    """Count and (with ``timing``) time one registered model; ``resolution`` defaults to the model's own."""
-    get_spec(name)  # unknown names fail here, before anything is built
+    """Count and (with ``timing``) time one registered model.
+
+    ``resolution`` defaults to the model's own, ``num_classes`` to its dataset's (10 for the CIFAR nets, 1000
+    for the ImageNet families, so the counts are the published ones).
+    """
+    num_classes = num_classes or get_spec(name).published_num_classes  # unknown names fail here
     with torch.device("meta"):
         meta_model = build_model(name, num_classes=num_classes, **scaling)
     resolution = resolution or meta_model.default_resolution
@@ -182,8 +187,8 @@ def markdown_table(profiles: Sequence[ModelProfile]) -> str:
             f"| {p.name} | {p.family} | {p.resolution} | {p.parameters / 1e6:.2f} | {p.macs / 1e9:.3f} "
             f"| {_rate(p.predictions_per_second)} | {_rate(p.training_images_per_second)} |"
         )
-    if profiles:
-        lines.append(f"\nBatch size {profiles[0].batch_size}; device {profiles[0].device}.")
+    if any(p.predictions_per_second is not None for p in profiles):
+        lines.append(f"\nTimings: batch size {profiles[0].batch_size}, device {profiles[0].device}.")
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +204,13 @@ def to_csv(profiles: Sequence[ModelProfile]) -> str:
     return buffer.getvalue()
 
 
-def plot(profiles: Sequence[ModelProfile], path: str | Path, *, accuracies: dict[str, float] | None = None) -> str:
+def plot(
+    profiles: Sequence[ModelProfile],
+    path: str | Path,
+    *,
+    accuracies: dict[str, float] | None = None,
+    accuracy_label: str = "accuracy",
+) -> str:
     """Accuracy vs GMACs for the models in ``accuracies`` (if any), else GMACs vs predictions/s.
 
     Returns which plot was drawn: ``"accuracy"`` or ``"speed"``.
@@ -213,15 +224,20 @@ def plot(profiles: Sequence[ModelProfile], path: str | Path, *, accuracies: dict
     figure, axes = plt.subplots(figsize=(7, 5))
     if accuracies:
         points = [(p.macs / 1e9, accuracies[p.name], p.name) for p in profiles if p.name in accuracies]
-        axes.set_xlabel("GMACs per image (at each model's resolution)")
-        axes.set_ylabel("accuracy")
+        axes.set_xlabel("GMACs per image at each model's resolution (1 MAC = 2 FLOPs)")
+        axes.set_ylabel(accuracy_label)
         kind = "accuracy"
     else:
-        points = [(p.predictions_per_second, p.macs / 1e9, p.name) for p in profiles if p.predictions_per_second]
+        points = [
+            (p.predictions_per_second, p.macs / 1e9, p.name) for p in profiles if p.predictions_per_second
+        ]
         if not points:
-            raise ValueError("nothing to plot: no accuracies from MLflow and no timings (was --no-timing given?)")
+            raise ValueError(
+                "nothing to plot: no accuracies from MLflow and no timings (was --no-timing given?)"
+            )
         axes.set_xlabel(f"predictions/s (batch {profiles[0].batch_size}, {profiles[0].device})")
-        axes.set_ylabel("GMACs per image")
+        axes.set_ylabel("GMACs per image (1 MAC = 2 FLOPs)")
+        axes.set_yscale("log")
         kind = "speed"
     axes.scatter([x for x, _, _ in points], [y for _, y, _ in points])
     for x, y, label in points:

@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-Family = Literal["baseline", "cifar_plain", "cifar_resnet", "resnet", "mobilenet_v2", "efficientnet", "convnext"]
+Family = Literal[
+    "baseline", "cifar_plain", "cifar_resnet", "resnet", "mobilenet_v2", "efficientnet", "convnext"
+]
 
 
 class UnknownModelError(ValueError):
@@ -55,6 +57,8 @@ class ModelSpec:
     """``builder(num_classes=, dropout=, stochastic_depth=, **scaling) -> nn.Module``."""
     default_dropout: float
     """Dropout probability before the final linear layer when the caller passes ``dropout=None``."""
+    published_num_classes: int = 1000
+    """Classes of the dataset the architecture was published on (CIFAR-10: 10); the profiler's default."""
     scaling: Mapping[str, Any] = field(default_factory=dict)
     """Accepted scaling keywords and their defaults (e.g. ``{"width_mult": 1.0}``)."""
     stochastic_depth: float | None = None
@@ -62,7 +66,7 @@ class ModelSpec:
     describe: Callable[..., tuple[str, int]] | None = None
     """``describe(**scaling) -> (arch name, resolution)`` where scaling changes them (compound scaling)."""
     description: str = ""
-    """One line for ``list_models`` and the docs."""
+    """One line for help texts and the docs."""
 
     def info(self, **scaling: Any) -> ModelInfo:
         values = self.resolve_scaling(scaling)
@@ -77,7 +81,9 @@ class ModelSpec:
         unknown = sorted(set(scaling) - set(self.scaling))
         if unknown:
             accepted = ", ".join(sorted(self.scaling)) or "none"
-            raise ValueError(f"{self.name}: unknown scaling keyword(s) {', '.join(unknown)}; accepted: {accepted}")
+            raise ValueError(
+                f"{self.name}: unknown scaling keyword(s) {', '.join(unknown)}; accepted: {accepted}"
+            )
         return {**self.scaling, **scaling}
 
 

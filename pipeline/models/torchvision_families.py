@@ -22,9 +22,27 @@ from pipeline.models.registry import ModelSpec, register
 
 # Resolutions: torchvision's evaluation crops of its ImageNet weights. They equal the EfficientNet paper's except
 # B2 (torchvision 288, paper 260); using torchvision's keeps the MACs comparable with its published figures.
-EFFICIENTNET_RESOLUTIONS = {"b0": 224, "b1": 240, "b2": 288, "b3": 300, "b4": 380, "b5": 456, "b6": 528, "b7": 600}
+EFFICIENTNET_RESOLUTIONS = {
+    "b0": 224,
+    "b1": 240,
+    "b2": 288,
+    "b3": 300,
+    "b4": 380,
+    "b5": 456,
+    "b6": 528,
+    "b7": 600,
+}
 # torchvision's default classifier dropout per variant (used when build_model gets dropout=None).
-EFFICIENTNET_DROPOUT = {"b0": 0.2, "b1": 0.2, "b2": 0.3, "b3": 0.3, "b4": 0.4, "b5": 0.4, "b6": 0.5, "b7": 0.5}
+EFFICIENTNET_DROPOUT = {
+    "b0": 0.2,
+    "b1": 0.2,
+    "b2": 0.3,
+    "b3": 0.3,
+    "b4": 0.4,
+    "b5": 0.4,
+    "b6": 0.5,
+    "b7": 0.5,
+}
 # torchvision's default stochastic depth (final block's drop probability; linear in depth from 0).
 CONVNEXT_STOCHASTIC_DEPTH = {"tiny": 0.1, "small": 0.4, "base": 0.5}
 
@@ -66,7 +84,9 @@ def _build_efficientnet(variant: str):
 
 def _build_convnext(size: str):
     def build(*, num_classes: int, dropout: float, stochastic_depth: float) -> nn.Module:
-        model = getattr(tvm, f"convnext_{size}")(num_classes=num_classes, stochastic_depth_prob=stochastic_depth)
+        model = getattr(tvm, f"convnext_{size}")(
+            num_classes=num_classes, stochastic_depth_prob=stochastic_depth
+        )
         if dropout > 0:
             norm, flatten, linear = model.classifier
             model.classifier = nn.Sequential(
@@ -101,10 +121,19 @@ def _describe_compound(*, phi: float, alpha: float, beta: float, gamma: float) -
 
 
 def _build_efficientnet_compound(
-    *, num_classes: int, dropout: float, stochastic_depth: float, phi: float, alpha: float, beta: float, gamma: float
+    *,
+    num_classes: int,
+    dropout: float,
+    stochastic_depth: float,
+    phi: float,
+    alpha: float,
+    beta: float,
+    gamma: float,
 ) -> nn.Module:
     depth_mult, width_mult, _ = compound_multipliers(phi=phi, alpha=alpha, beta=beta, gamma=gamma)
-    setting, last_channel = _efficientnet_conf("efficientnet_b0", width_mult=width_mult, depth_mult=depth_mult)
+    setting, last_channel = _efficientnet_conf(
+        "efficientnet_b0", width_mult=width_mult, depth_mult=depth_mult
+    )
     model = EfficientNet(
         setting,
         dropout=dropout,
