@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,16 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="loader workers N")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per timed loader run (amortizes start-up)")
     p.add_argument("--json", default=".cache/bench/data.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(".cache/bench")
-    toy = ToyConfig(root=str(work / "toy"), image_size=args.image_size,
-                    pretrain_train_per_class=args.images // 10, pretrain_val_per_class=1,
-                    downstream_train_max=2, downstream_imbalance=1.0, downstream_val_per_class=1)
+    toy = ToyConfig(
+        root=str(work / "toy"),
+        image_size=args.image_size,
+        pretrain_train_per_class=args.images // 10,
+        pretrain_val_per_class=1,
+        downstream_train_max=2,
+        downstream_imbalance=1.0,
+        downstream_val_per_class=1,
+    )
     train_dir = generate(toy).split_dir("pretrain", "train")
-    local = write_shards(train_dir, str(work / "shards"), ShardOptions(samples_per_shard=100, workers=2),
-                         progress=False).manifest
+    local = write_shards(
+        train_dir, str(work / "shards"), ShardOptions(samples_per_shard=100, workers=2), progress=False
+    ).manifest
     n = local.num_samples
 
     import logging
@@ -76,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
@@ -93,26 +104,45 @@ def main(argv: list[str] | None = None) -> int:
         for data in jpegs:
             augment(decode(data))
 
-    cfg = DataConfig(resolution=args.resolution, batch_size_per_worker=args.batch_size,
-                     loader_workers=args.workers, shuffle_buffer=500, min_crop_scale=0.08)
+    cfg = DataConfig(
+        resolution=args.resolution,
+        batch_size_per_worker=args.batch_size,
+        loader_workers=args.workers,
+        shuffle_buffer=500,
+        min_crop_scale=0.08,
+    )
 
     def ours(manifest):
         def run():
-            for _ in build_loader(manifest, cfg, train=True):
-                pass
+            loader = build_loader(manifest, cfg, train=True)
+            for epoch in range(args.epochs):
+                loader.set_epoch(epoch)
+                for _ in loader:
+                    pass
+
         return run
 
-    folder = datasets.ImageFolder(str(train_dir), transform=T.Compose([
-        T.RandomResizedCrop(args.resolution), T.RandomHorizontalFlip(), T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))
+    folder = datasets.ImageFolder(
+        str(train_dir),
+        transform=T.Compose(
+            [
+                T.RandomResizedCrop(args.resolution),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
 
     def image_folder():
-        loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True,
-                                             num_workers=args.workers, drop_last=True)
-        for _ in loader:
-            pass
+        loader = torch.utils.data.DataLoader(
+            folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
+        )
+        for _ in range(args.epochs):
+            for _ in loader:
+                pass
 
-    per_epoch = (n // args.batch_size) * args.batch_size
+    per_epoch = (n // args.batch_size) * args.batch_size * args.epochs
     try:
         rates = {
             "a_single_process_limit": _rate(single_process, len(jpegs), args.repeats),
@@ -129,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         "(c) >= 0.85 x (b)": (c / b, 0.85),
         "(b) >= 1.5 x (d)": (b / d, 1.5),
     }
-    print(f"\n{n} JPEGs of {args.image_size}px -> RandomResizedCrop({args.resolution}), batch {args.batch_size}, "
-          f"N={N} loader workers, {os.cpu_count()} CPU cores")
+    print(
+        f"\n{n} JPEGs of {args.image_size}px -> RandomResizedCrop({args.resolution}), batch {args.batch_size}, "
+        f"N={N} loader workers, {os.cpu_count()} CPU cores"
+    )
     print("| path | img/s |\n|---|---:|")
     for name, value in rates.items():
         print(f"| {name} | {value:,.0f} |")
@@ -138,9 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, (ratio, target) in goals.items():
         print(f"| {name} | {ratio:.2f} | {target} | {'yes' if ratio >= target else 'NO'} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rates": rates, "ratios": {k: v[0] for k, v in goals.items()},
-                                           "images": n, "workers": N, "cpu_count": os.cpu_count(),
-                                           "resolution": args.resolution}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "rates": rates,
+                "ratios": {k: v[0] for k, v in goals.items()},
+                "images": n,
+                "workers": N,
+                "cpu_count": os.cpu_count(),
+                "resolution": args.resolution,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -19,7 +19,9 @@ from pipeline.data.prepare import prepare_embedded
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/data/toy_demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. toy.image_size=32")
     args = parser.parse_args(argv)
@@ -50,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== embedded data demo ===")
     print(f"prepare (generate + shard): {t_prepare:.1f} s")
     print(f"pretrain: {train.num_classes} classes, {train.num_samples} train / {val.num_samples} val samples")
-    print(f"one training epoch: {loader.num_batches} batches of {data_cfg.batch_size_per_worker} "
-          f"({len(labels_seen)} images) in {epoch_s:.1f} s = {len(labels_seen) / epoch_s:.0f} img/s "
-          f"with {data_cfg.loader_workers} loader workers")
-    print(f"classes seen in the epoch: {len(set(labels_seen))}/{train.num_classes}; "
-          f"validation pass covered {val_seen}/{val.num_samples} samples")
+    print(
+        f"one training epoch: {loader.num_batches} batches of {data_cfg.batch_size_per_worker} "
+        f"({len(labels_seen)} images) in {epoch_s:.1f} s = {len(labels_seen) / epoch_s:.0f} img/s "
+        f"with {data_cfg.loader_workers} loader workers"
+    )
+    print(
+        f"classes seen in the epoch: {len(set(labels_seen))}/{train.num_classes}; "
+        f"validation pass covered {val_seen}/{val.num_samples} samples"
+    )
     print(f"manifests: {urls['train']}  {urls['val']}")
     return 0
 

@@ -20,17 +20,23 @@ from pipeline.data.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", required=True, help="one split: DIR/<class>/<image>, or flat with --labels")
     parser.add_argument("--dest", required=True, help="local directory or s3://bucket/prefix")
     parser.add_argument("--labels", help="CSV of filename,class for a flat split (e.g. ImageNet val)")
     parser.add_argument("--classes-from", help="manifest (e.g. of train) or text file fixing the class list")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--resize-short", type=int, default=None, help="downscale short side to this (e.g. 256)")
+    parser.add_argument(
+        "--resize-short", type=int, default=None, help="downscale short side to this (e.g. 256)"
+    )
     parser.add_argument("--jpeg-quality", type=int, default=95)
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
     parser.add_argument("--workers", type=int, default=1, help="parallel conversion processes")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad file instead of skipping")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on the first bad file instead of skipping"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

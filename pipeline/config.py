@@ -202,12 +202,16 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if tp is int:
         _check(
-            isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}"
+            isinstance(value, int) and not isinstance(value, bool),
+            name,
+            f"expected an integer, got {value!r}",
         )
         return value
     if tp is float:
         _check(
-            isinstance(value, int | float) and not isinstance(value, bool), name, f"expected a number, got {value!r}"
+            isinstance(value, int | float) and not isinstance(value, bool),
+            name,
+            f"expected a number, got {value!r}",
         )
         return float(value)
     if tp is str:
@@ -268,7 +272,9 @@ def merge_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML recipe from configs/")
+        raise ConfigError(
+            f"config file {path} does not exist; pass --config with a YAML recipe from configs/"
+        )
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -17,7 +17,9 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB", f
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode if mode != "P" else "L"]
     pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
-    image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode="L" if mode == "P" else mode)
+    image = Image.fromarray(
+        pixels.squeeze(-1) if channels == 1 else pixels, mode="L" if mode == "P" else mode
+    )
     if mode == "P":
         image = image.convert("P")
     out = io.BytesIO()
@@ -63,8 +65,9 @@ def add_bad_files(root: Path, class_name: str) -> dict[str, str]:
     }
 
 
-def write_sized_shards(dest: Path, sizes: list[int], *, num_classes: int, labels: str = "cycle",
-                       image_size: int = 16) -> Manifest:
+def write_sized_shards(
+    dest: Path, sizes: list[int], *, num_classes: int, labels: str = "cycle", image_size: int = 16
+) -> Manifest:
     """Shards with exactly ``sizes`` samples each. labels='cycle' gives label i % num_classes; 'unique'
     gives every sample its own label (num_classes must then be sum(sizes)) so coverage can be checked."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -76,16 +79,26 @@ def write_sized_shards(dest: Path, sizes: list[int], *, num_classes: int, labels
             for _ in range(size):
                 label = position % num_classes
                 counts[label] += 1
-                tar.write({"__key__": f"{position:07d}", "jpg": jpeg_bytes(position, (image_size, image_size)),
-                           "cls": str(label).encode()})
+                tar.write(
+                    {
+                        "__key__": f"{position:07d}",
+                        "jpg": jpeg_bytes(position, (image_size, image_size)),
+                        "cls": str(label).encode(),
+                    }
+                )
                 position += 1
         data = (dest / name).read_bytes()
         import hashlib
 
         shards.append(ShardInfo(name, size, len(data), hashlib.sha256(data).hexdigest()))
     classes = [f"c{i:04d}" for i in range(num_classes)]
-    manifest = Manifest(classes=classes, class_counts=dict(zip(classes, counts, strict=True)),
-                        num_samples=position, shards=shards, url=str(dest / "manifest.json"))
+    manifest = Manifest(
+        classes=classes,
+        class_counts=dict(zip(classes, counts, strict=True)),
+        num_samples=position,
+        shards=shards,
+        url=str(dest / "manifest.json"),
+    )
     (dest / "manifest.json").write_text(manifest.to_json())
     return manifest
 
@@ -105,10 +118,19 @@ def write_imbalanced_shards(dest: Path, class_counts: list[int], *, per_shard: i
             for i, label in enumerate(labels[start : start + per_shard], start=start):
                 tar.write({"__key__": f"{i:07d}", "jpg": jpeg_bytes(i, (8, 8)), "cls": str(label).encode()})
         data = (dest / name).read_bytes()
-        shards.append(ShardInfo(name, len(labels[start : start + per_shard]), len(data), hashlib.sha256(data).hexdigest()))
+        shards.append(
+            ShardInfo(
+                name, len(labels[start : start + per_shard]), len(data), hashlib.sha256(data).hexdigest()
+            )
+        )
     classes = [f"c{i}" for i in range(len(class_counts))]
-    manifest = Manifest(classes=classes, class_counts=dict(zip(classes, class_counts, strict=True)),
-                        num_samples=len(labels), shards=shards, url=str(dest / "manifest.json"))
+    manifest = Manifest(
+        classes=classes,
+        class_counts=dict(zip(classes, class_counts, strict=True)),
+        num_samples=len(labels),
+        shards=shards,
+        url=str(dest / "manifest.json"),
+    )
     (dest / "manifest.json").write_text(manifest.to_json())
     return manifest
 
@@ -118,5 +140,12 @@ def read_tar_samples(path: str) -> list[dict]:
     return [dict(s) for s in ds]
 
 
-__all__ = ["jpeg_bytes", "make_tree", "add_bad_files", "write_sized_shards", "write_imbalanced_shards",
-           "read_tar_samples", "json"]
+__all__ = [
+    "jpeg_bytes",
+    "make_tree",
+    "add_bad_files",
+    "write_sized_shards",
+    "write_imbalanced_shards",
+    "read_tar_samples",
+    "json",
+]

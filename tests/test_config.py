@@ -26,8 +26,11 @@ def test_every_shipped_config_parses(path):
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(DataDemoConfig, CONFIGS / "data" / "toy_demo.yaml",
-                      ["data.batch_size_per_worker=8", "toy.downstream_imbalance=5", "data.augment=trivialaugment"])
+    cfg = load_config(
+        DataDemoConfig,
+        CONFIGS / "data" / "toy_demo.yaml",
+        ["data.batch_size_per_worker=8", "toy.downstream_imbalance=5", "data.augment=trivialaugment"],
+    )
     assert cfg.data.batch_size_per_worker == 8
     assert cfg.toy.downstream_imbalance == 5.0 and isinstance(cfg.toy.downstream_imbalance, float)
 

@@ -19,7 +19,9 @@ UNEVEN = [13, 2, 9, 1, 7, 11, 3]  # 46 samples; rank 0 gets shards 0,2,4,6 (32),
 
 
 def _cfg(**kw) -> DataConfig:
-    base = dict(resolution=16, batch_size_per_worker=4, loader_workers=0, shuffle_buffer=8, min_crop_scale=0.5)
+    base = dict(
+        resolution=16, batch_size_per_worker=4, loader_workers=0, shuffle_buffer=8, min_crop_scale=0.5
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -29,7 +31,9 @@ def uneven(tmp_path):
 
 
 def test_fixture_shards_really_are_uneven_per_rank(uneven):
-    per_rank = [sum(UNEVEN[i] for i in plan_slot(list(range(7)), slot=r, n_slots=2).shard_indices) for r in (0, 1)]
+    per_rank = [
+        sum(UNEVEN[i] for i in plan_slot(list(range(7)), slot=r, n_slots=2).shard_indices) for r in (0, 1)
+    ]
     assert per_rank == [32, 14], "without equalization rank 0 would run 8 batches and rank 1 only 3"
 
 
@@ -80,9 +84,15 @@ def test_tiny_data_with_more_slots_than_shards_still_splits_exactly(tmp_path):
     cfg = _cfg(loader_workers=2, batch_size_per_worker=2)
     seen = []
     for rank in range(2):
-        seen += [v for _, y in build_loader(manifest, cfg, train=False, rank=rank, world_size=2) for v in y.tolist()]
+        seen += [
+            v
+            for _, y in build_loader(manifest, cfg, train=False, rank=rank, world_size=2)
+            for v in y.tolist()
+        ]
     assert sorted(seen) == list(range(7))
-    train_counts = [len(list(build_loader(manifest, cfg, train=True, rank=r, world_size=2))) for r in range(2)]
+    train_counts = [
+        len(list(build_loader(manifest, cfg, train=True, rank=r, world_size=2))) for r in range(2)
+    ]
     assert train_counts == [1, 1]
 
 
@@ -94,7 +104,9 @@ def test_oversampling_balances_class_frequencies(tmp_path):
     plain = collections.Counter()
     for epoch in range(4):
         for oversample, counter in ((True, freq), (False, plain)):
-            loader = build_loader(manifest, DataConfig(**{**cfg.__dict__, "oversample": oversample}), train=True)
+            loader = build_loader(
+                manifest, DataConfig(**{**cfg.__dict__, "oversample": oversample}), train=True
+            )
             loader.set_epoch(epoch)
             for _, y in loader:
                 counter.update(y.tolist())
@@ -159,15 +171,22 @@ def _ddp_worker(rank: int, world_size: int, port: int, manifest_url: str, out_di
     from pipeline.data.transforms import normalize
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(4, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    loader = build_loader(load_manifest(manifest_url), _cfg(loader_workers=1), train=True, rank=rank,
-                          world_size=world_size)
+    loader = build_loader(
+        load_manifest(manifest_url), _cfg(loader_workers=1), train=True, rank=rank, world_size=world_size
+    )
     steps = 0
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -180,8 +199,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, manifest_url: str, out_di
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world_size)]
     dist.all_gather(gathered, flat)
-    torch.save({"steps": steps, "same": all(torch.equal(gathered[0], g) for g in gathered)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"steps": steps, "same": all(torch.equal(gathered[0], g) for g in gathered)},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -194,8 +215,13 @@ def _free_port() -> int:
 def test_two_process_gloo_ddp_over_uneven_shards_finishes(uneven, tmp_path):
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), uneven.url, str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), uneven.url, str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     import time
 
     deadline = time.monotonic() + 240

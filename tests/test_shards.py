@@ -6,18 +6,16 @@ import hashlib
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 from imgtree import add_bad_files, jpeg_bytes, make_tree, read_tar_samples
 from PIL import Image
 
+import jobs.make_shards as make_shards_job  # noqa: E402  (jobs/ is importable from the repo root)
 from pipeline.data import storage
 from pipeline.data.loader import _read_samples
 from pipeline.data.manifest import load_manifest
 from pipeline.data.shards import ShardError, ShardOptions, write_shards
-
-import jobs.make_shards as make_shards_job  # noqa: E402  (jobs/ is importable from the repo root)
 
 COUNTS = {"n01440764": 7, "n01443537": 5, "n01484850": 4}
 
@@ -42,8 +40,9 @@ def _check_round_trip(manifest, labels: dict[str, str]) -> None:
 
 def test_round_trip_local(tmp_path):
     labels = make_tree(tmp_path / "train", COUNTS)
-    summary = write_shards(tmp_path / "train", str(tmp_path / "out"), ShardOptions(samples_per_shard=5),
-                           progress=False)
+    summary = write_shards(
+        tmp_path / "train", str(tmp_path / "out"), ShardOptions(samples_per_shard=5), progress=False
+    )
     manifest = load_manifest(str(tmp_path / "out"))
     assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(4)]
     assert [s.num_samples for s in manifest.shards] == [5, 5, 5, 1]
@@ -76,8 +75,9 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     make_tree(tmp_path / "train", COUNTS)
     expected = add_bad_files(tmp_path / "train", "n01443537")
     (tmp_path / "train" / "README.txt").write_text("stray file at the top level")
-    summary = write_shards(tmp_path / "train", str(tmp_path / "out"), ShardOptions(samples_per_shard=4),
-                           progress=False)
+    summary = write_shards(
+        tmp_path / "train", str(tmp_path / "out"), ShardOptions(samples_per_shard=4), progress=False
+    )
     manifest = summary.manifest
     reasons = {s["path"]: s["reason"] for s in manifest.skipped}
     for path, outcome in expected.items():
@@ -99,8 +99,9 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
 def test_strict_fails_on_first_bad_file_with_exit_code_2(tmp_path, capsys):
     make_tree(tmp_path / "train", COUNTS)
     (tmp_path / "train" / "n01440764" / "empty.JPEG").write_bytes(b"")
-    rc = make_shards_job.main(["--src", str(tmp_path / "train"), "--dest", str(tmp_path / "out"), "--strict",
-                               "--quiet"])
+    rc = make_shards_job.main(
+        ["--src", str(tmp_path / "train"), "--dest", str(tmp_path / "out"), "--strict", "--quiet"]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "empty.JPEG" in err and "empty file" in err
@@ -125,12 +126,18 @@ def test_empty_or_classless_source_exits_2(tmp_path, capsys, layout):
 
 def test_same_seed_gives_byte_identical_shards(tmp_path):
     make_tree(tmp_path / "train", COUNTS)
-    a = write_shards(tmp_path / "train", str(tmp_path / "a"), ShardOptions(samples_per_shard=5, seed=3),
-                     progress=False).manifest
-    b = write_shards(tmp_path / "train", str(tmp_path / "b"), ShardOptions(samples_per_shard=5, seed=3,
-                                                                            workers=2), progress=False).manifest
-    c = write_shards(tmp_path / "train", str(tmp_path / "c"), ShardOptions(samples_per_shard=5, seed=4),
-                     progress=False).manifest
+    a = write_shards(
+        tmp_path / "train", str(tmp_path / "a"), ShardOptions(samples_per_shard=5, seed=3), progress=False
+    ).manifest
+    b = write_shards(
+        tmp_path / "train",
+        str(tmp_path / "b"),
+        ShardOptions(samples_per_shard=5, seed=3, workers=2),
+        progress=False,
+    ).manifest
+    c = write_shards(
+        tmp_path / "train", str(tmp_path / "c"), ShardOptions(samples_per_shard=5, seed=4), progress=False
+    ).manifest
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
     assert [s.sha256 for s in a.shards] != [s.sha256 for s in c.shards], "another seed shuffles differently"
@@ -171,22 +178,35 @@ def test_flat_val_with_labels_csv_uses_train_class_indices(tmp_path):
     rows.append("ILSVRC2012_val_99999999.JPEG,n01440764")  # listed but missing
     (val / "unlisted.JPEG").write_bytes(jpeg_bytes(99))
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    rc = make_shards_job.main(["--src", str(val), "--dest", str(tmp_path / "shards/val"), "--labels",
-                               str(tmp_path / "labels.csv"), "--classes-from", str(tmp_path / "shards/train"),
-                               "--quiet"])
+    rc = make_shards_job.main(
+        [
+            "--src",
+            str(val),
+            "--dest",
+            str(tmp_path / "shards/val"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--classes-from",
+            str(tmp_path / "shards/train"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     manifest = load_manifest(str(tmp_path / "shards/val"))
     assert manifest.classes == sorted(COUNTS)
     assert manifest.class_counts == {"n01440764": 0, "n01443537": 1, "n01484850": 2}
     assert sorted(int(s["cls"]) for s in _read_samples(manifest.shard_urls())) == [1, 2, 2]
-    assert {s["reason"] for s in manifest.skipped} == {"no label in the labels file",
-                                                      "listed in the labels file but missing"}
+    assert {s["reason"] for s in manifest.skipped} == {
+        "no label in the labels file",
+        "listed in the labels file but missing",
+    }
 
 
 def test_resize_short_side(tmp_path):
     make_tree(tmp_path / "train", {"a": 2}, size=(100, 80))
-    manifest = write_shards(tmp_path / "train", str(tmp_path / "out"), ShardOptions(resize_short=32),
-                            progress=False).manifest
+    manifest = write_shards(
+        tmp_path / "train", str(tmp_path / "out"), ShardOptions(resize_short=32), progress=False
+    ).manifest
     sizes = {Image.open(io.BytesIO(s["jpg"])).size for s in read_tar_samples(manifest.shard_urls()[0])}
     assert sizes == {(40, 32)}
 
@@ -194,8 +214,9 @@ def test_resize_short_side(tmp_path):
 def test_bad_options_are_rejected(tmp_path):
     with pytest.raises(ShardError, match="samples-per-shard"):
         ShardOptions(samples_per_shard=0)
-    rc = make_shards_job.main(["--src", str(tmp_path), "--dest", str(tmp_path / "o"), "--labels",
-                               str(tmp_path / "nope.csv")])
+    rc = make_shards_job.main(
+        ["--src", str(tmp_path), "--dest", str(tmp_path / "o"), "--labels", str(tmp_path / "nope.csv")]
+    )
     assert rc == 2
 
 

@@ -101,11 +101,29 @@ def _read_samples(urls: list[str]) -> Iterator[dict]:
     yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))
 
 
+def _stack(images: list[torch.Tensor], *, shared: bool) -> torch.Tensor:
+    """Stack a batch; in a DataLoader worker, directly into shared memory. Sending a tensor to the main
+    process otherwise copies it into a new shared segment first (9.6 MB per 64x224x224 uint8 batch)."""
+    if not shared:
+        return torch.stack(images)
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
+    return torch.stack(images, out=out)
+
+
 class _SlotStream(IterableDataset):
     """The per-epoch stream of one rank; DataLoader workers each take their slot of it."""
 
-    def __init__(self, *, manifest: Manifest, cfg: DataConfig, train: bool, rank: int, world_size: int,
-                 epoch: int, batches_per_rank: int) -> None:
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        cfg: DataConfig,
+        train: bool,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        batches_per_rank: int,
+    ) -> None:
         super().__init__()
         self.urls = manifest.shard_urls()
         self.cfg = cfg
@@ -142,7 +160,9 @@ class _SlotStream(IterableDataset):
                 for _ in range(int(r) + (rng.random() < r - int(r))):
                     yield sample
             if produced == 0:
-                raise LoaderError(f"loader slot {slot} of {n_slots} got no samples from {len(self.urls)} shards")
+                raise LoaderError(
+                    f"loader slot {slot} of {n_slots} got no samples from {len(self.urls)} shards"
+                )
         raise AssertionError("unreachable: the consumer stops at its batch quota")
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
@@ -150,7 +170,9 @@ class _SlotStream(IterableDataset):
             image = transforms.decode(sample["jpg"])
             label = int(sample["cls"])
         except Exception as err:  # a corrupt member: name it instead of a bare decoder traceback
-            raise LoaderError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {err}") from err
+            raise LoaderError(
+                f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {err}"
+            ) from err
         return self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +186,12 @@ class _SlotStream(IterableDataset):
                 return
             rng = random.Random(_seed(self.cfg.seed, self.epoch, slot, 1))
             torch.manual_seed(_seed(self.cfg.seed, self.epoch, slot, 2))  # augmentation randomness
-            samples = wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(
+            # The buffer's content at the quota is read but never used, so a buffer as large as the quota
+            # doubles the reads (measured: 1,652 samples read for 1,152 used at buffer 500). A quarter of
+            # the slot's epoch bounds that waste at 25%; the per-epoch shard shuffle supplies the rest of
+            # the randomness. ImageNet slots read ~20k samples an epoch, so the configured buffer applies.
+            buffer = max(1, min(self.cfg.shuffle_buffer, quota * batch_size // 4))
+            samples = wds.filters.shuffle(buffer, initial=buffer, rng=rng)(
                 self._train_samples(slot, n_slots, rng)
             )
         else:
@@ -177,20 +204,21 @@ class _SlotStream(IterableDataset):
             images.append(image)
             labels.append(label)
             if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                yield _stack(images, shared=info is not None), torch.tensor(labels, dtype=torch.int64)
                 images, labels = [], []
                 produced += 1
                 if produced == quota:
                     return
         if images and not self.train:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+            yield _stack(images, shared=info is not None), torch.tensor(labels, dtype=torch.int64)
 
 
 class ShardLoader:
     """Batches of one split for one rank. Re-iterable; call ``set_epoch`` before each training epoch."""
 
-    def __init__(self, manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world size {world_size}")
         self.manifest = manifest
@@ -212,7 +240,9 @@ class ShardLoader:
         else:
             n_slots = world_size * max(1, self.num_workers)
             workers = range(max(1, self.num_workers))
-            counts = [slot_sample_count(manifest, slot=rank * len(workers) + w, n_slots=n_slots) for w in workers]
+            counts = [
+                slot_sample_count(manifest, slot=rank * len(workers) + w, n_slots=n_slots) for w in workers
+            ]
             self.num_samples = sum(counts)
             self.num_batches = sum(math.ceil(c / batch) for c in counts)
 
@@ -248,10 +278,14 @@ class ShardLoader:
         for batch in batches:
             count += 1
             yield batch
-        assert count == self.num_batches, f"rank {self.rank} produced {count} batches, planned {self.num_batches}"
+        assert count == self.num_batches, (
+            f"rank {self.rank} produced {count} batches, planned {self.num_batches}"
+        )
 
 
-def build_loader(manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1) -> ShardLoader:
+def build_loader(
+    manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1
+) -> ShardLoader:
     """The loader of one split for one rank (see the module docstring for the guarantees)."""
     return ShardLoader(manifest, cfg, train=train, rank=rank, world_size=world_size)
 

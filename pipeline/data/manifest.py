@@ -79,9 +79,13 @@ class Manifest:
             shards = [ShardInfo(**s) for s in data.pop("shards")]
             manifest = cls(shards=shards, url=url, **data)
         except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ManifestError(f"{url}: not a valid shard manifest ({err}); was it written by make_shards?") from None
+            raise ManifestError(
+                f"{url}: not a valid shard manifest ({err}); was it written by make_shards?"
+            ) from None
         if sum(s.num_samples for s in manifest.shards) != manifest.num_samples:
-            raise ManifestError(f"{url}: shard sample counts do not add up to num_samples; the manifest is corrupt")
+            raise ManifestError(
+                f"{url}: shard sample counts do not add up to num_samples; the manifest is corrupt"
+            )
         return manifest
 
 

@@ -134,7 +134,9 @@ def _files_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def scan_source(src: str | Path, *, labels_csv: str | None = None, classes_from: str | None = None) -> SourceScan:
+def scan_source(
+    src: str | Path, *, labels_csv: str | None = None, classes_from: str | None = None
+) -> SourceScan:
     """List a split's inputs with labels. Raises ShardError for an empty source or one without classes."""
     root = Path(src)
     if not root.is_dir():
@@ -153,7 +155,9 @@ def scan_source(src: str | Path, *, labels_csv: str | None = None, classes_from:
                 if not row or row[0].startswith("#"):
                     continue
                 if len(row) < 2:
-                    raise ShardError(f"--labels {labels_csv}:{line_no}: expected 'filename,class', got {row!r}")
+                    raise ShardError(
+                        f"--labels {labels_csv}:{line_no}: expected 'filename,class', got {row!r}"
+                    )
                 name, cls = row[0].strip(), row[1].strip()
                 if line_no == 1 and (name.lower(), cls.lower()) in {("filename", "class"), ("file", "label")}:
                     continue  # header row
@@ -467,7 +471,9 @@ def write_shards(src: str | Path, dest: str, options: ShardOptions, *, progress:
         url=storage.join(dest, MANIFEST_NAME),
     )
     if manifest.num_samples == 0:
-        raise ShardError(f"--src {src}: every input was skipped ({len(manifest.skipped)} bad files); no shards written")
+        raise ShardError(
+            f"--src {src}: every input was skipped ({len(manifest.skipped)} bad files); no shards written"
+        )
     # Written last and atomically: a manifest's presence means every shard it lists is complete.
     storage.write_bytes_atomic(manifest.url, manifest.to_json().encode())
     return ShardSummary(manifest=manifest, written=len(todo), reused=len(tasks) - len(todo))
