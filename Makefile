@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench bench-data lint clean
+.PHONY: setup test demo bench bench-data profile lint clean
 
 setup: $(STAMP)
 
@@ -26,10 +26,15 @@ test: setup
 demo: setup
 	$(PY) jobs/demo.py
 
-bench: bench-data
+bench: bench-data profile
 
 bench-data: setup
 	$(PY) benchmarks/bench_data.py
+
+# Parameters, MACs (torch.utils.flop_counter) and CPU/GPU throughput of the main architectures.
+profile: setup
+	$(PY) jobs/profile_models.py --models cifar_resnet20 cifar_plain20 resnet18 resnet50 mobilenet_v2 \
+		efficientnet_b0 convnext_tiny --batch-size 16 --warmup 1 --repeats 3
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests benchmarks
