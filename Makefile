@@ -15,7 +15,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "Installing pinned dependencies into $(VENV) (first run: a few minutes)..."
+	@# This machine's pip config names local indexes that warn once per package; keep pip's exit code.
+	@set -o pipefail; $(PY) -m pip install --quiet -e '.[dev]' 2>&1 \
+		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@touch $(STAMP)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
