@@ -302,3 +302,114 @@ def dump_yaml(config: Any) -> str:
 def replace_fields(config: T, **changes: Any) -> T:
     """A copy of a frozen config with some fields changed, validated again by ``__post_init__``."""
     return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, regularization and learning-rate schedule of a training run."""
+
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    """Optimizer: sgd (with momentum), adamw (decoupled weight decay) or adam (only with regularization=l2)."""
+    lr: float = 0.1
+    """Peak learning rate at reference_batch_size; the run uses lr * global_batch_size / reference_batch_size."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by adam/adamw, which use their default betas 0.9/0.999)."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd with momentum > 0 only)."""
+    weight_decay: float = 5e-4
+    """Decay strength delta in [0, 1); never applied to biases and normalization parameters."""
+    regularization: Literal["weight_decay", "l2"] = "weight_decay"
+    """weight_decay: the optimizer shrinks w (decoupled for adamw); l2: delta/2*||w||^2 is added to the loss."""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up, stepped every iteration."""
+    warmup_epochs: int = 0
+    """Epochs of linear warm-up from 1% of the peak learning rate (Goyal et al. use 5 for large batches)."""
+    step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """Epochs (counted from the start of training) at which schedule=step multiplies the lr by step_gamma."""
+    step_gamma: float = 0.1
+    """Factor applied to the learning rate at each of step_milestones."""
+    reference_batch_size: int = 256
+    """Global batch size at which lr is given (linear scaling rule)."""
+    grad_clip_norm: float | None = None
+    """Clip the global gradient L2 norm to this value before each step; null disables clipping."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(
+            not self.nesterov or (self.name == "sgd" and self.momentum > 0),
+            "optim.nesterov",
+            "needs name=sgd and momentum > 0",
+        )
+        _check(
+            0.0 <= self.weight_decay < 1.0,
+            "optim.weight_decay",
+            f"must be in [0, 1) (usually 1e-4 to 1e-2), got {self.weight_decay}",
+        )
+        # Adam rescales every gradient coordinate by its running RMS, so an L2 gradient delta*w is normalized
+        # away (the lecture's "undesirable behavior"); decoupled decay is AdamW. Keep the names honest.
+        _check(
+            not (self.name == "adam" and self.regularization == "weight_decay"),
+            "optim.regularization",
+            "name=adam has no decoupled weight decay; use name=adamw, or regularization=l2 for Adam+L2",
+        )
+        _check(
+            not (self.name == "adamw" and self.regularization == "l2"),
+            "optim.regularization",
+            "adamw is decoupled weight decay by definition; use name=adam for Adam+L2",
+        )
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(
+            all(m > 0 for m in self.step_milestones)
+            and all(a < b for a, b in zip(self.step_milestones, self.step_milestones[1:], strict=False)),
+            "optim.step_milestones",
+            f"must be increasing positive epochs, got {self.step_milestones}",
+        )
+        _check(
+            self.schedule != "step" or all(m > self.warmup_epochs for m in self.step_milestones),
+            "optim.step_milestones",
+            f"must all lie after warm-up (warmup_epochs={self.warmup_epochs}), got {self.step_milestones}",
+        )
+        _check(0.0 < self.step_gamma <= 1.0, "optim.step_gamma", f"must be in (0, 1], got {self.step_gamma}")
+        _check(
+            self.reference_batch_size > 0,
+            "optim.reference_batch_size",
+            f"must be > 0, got {self.reference_batch_size}",
+        )
+        _check(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            "optim.grad_clip_norm",
+            f"must be > 0 or null, got {self.grad_clip_norm}",
+        )
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            "optim.label_smoothing",
+            f"must be in [0, 1), got {self.label_smoothing}",
+        )
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop training when a validation metric has not improved for ``patience`` epochs."""
+
+    metric: str = "val_acc"
+    """Name of the validation metric watched, e.g. val_acc or val_loss."""
+    mode: Literal["max", "min"] = "max"
+    """max: larger is better (accuracy); min: smaller is better (loss)."""
+    patience: int = 5
+    """Epochs without improvement after which training stops (the lecture's e; use e > 1)."""
+    min_delta: float = 0.0
+    """An epoch improves only if it beats the best value by more than this amount."""
+    enabled: bool = True
+    """false: the best value is still tracked but training never stops early."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.metric), "early_stopping.metric", "must name a validation metric, e.g. val_acc")
+        _check(
+            isinstance(self.patience, int) and self.patience >= 1,
+            "early_stopping.patience",
+            f"must be an integer >= 1, got {self.patience}",
+        )
+        _check(self.min_delta >= 0, "early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")

@@ -1,0 +1,98 @@
+"""Optimizer, regularization (L2 penalty vs decoupled weight decay) and per-iteration lr schedules.
+
+Two ways to regularize with strength delta, never on biases or normalization parameters (see
+``pipeline.models.heads.split_parameters``):
+
+* ``weight_decay``: the optimizer shrinks the weights. For AdamW this is decoupled: ``w <- (1 - lr*delta) w``
+  before the Adam step, whatever the gradient's scale. SGD's own ``weight_decay`` adds ``delta*w`` to the
+  gradient, which for SGD *is* L2 regularization (identical without momentum; with momentum the decay term
+  goes through the momentum buffer just as an L2 gradient would).
+* ``l2``: the optimizer gets ``weight_decay=0`` and the loss gets ``delta/2 * sum ||w||^2`` (gradient
+  ``delta*w``, as in the lecture). With Adam the per-coordinate RMS normalization cancels that gradient's scale:
+  with no data gradient every weight moves by ~lr per step whatever delta is - the reason AdamW exists.
+
+The learning rate follows the linear scaling rule, ``lr * global_batch_size / reference_batch_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from pipeline.config import OptimConfig
+from pipeline.models.heads import param_groups, split_parameters
+
+# Warm-up starts at 1% of the peak lr rather than 0, so the first iteration already moves the weights.
+WARMUP_START_FACTOR = 0.01
+
+
+def scaled_lr(cfg: OptimConfig, *, global_batch_size: int) -> float:
+    """The linear scaling rule: cfg.lr is the peak lr at cfg.reference_batch_size samples per step."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    return cfg.lr * global_batch_size / cfg.reference_batch_size
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, global_batch_size: int) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s trainable parameters, with no decay on biases and normalization params.
+
+    Groups are those of :func:`pipeline.models.heads.param_groups` (head/backbone x decay/no-decay, each with
+    a ``name``); here head and backbone share the scaled lr. In ``l2`` mode every group has weight_decay 0
+    and the loss must add :func:`regularization_loss`.
+    """
+    lr = scaled_lr(cfg, global_batch_size=global_batch_size)
+    optimizer_decay = cfg.weight_decay if cfg.regularization == "weight_decay" else 0.0
+    groups = param_groups(model, lr_head=lr, lr_backbone=lr, weight_decay=optimizer_decay)
+    if cfg.name == "sgd":
+        # SGD's weight_decay adds delta*w to the gradient: for SGD, "weight decay" and L2 are the same thing.
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    # OptimConfig only lets name=adam through with regularization=l2, so its weight_decay is 0 here.
+    assert cfg.name == "adam" and cfg.regularization == "l2", cfg
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def l2_penalty(model: nn.Module, *, weight_decay: float) -> torch.Tensor:
+    """``weight_decay/2 * sum ||w||^2`` over the trainable decayed parameters (no biases, no norms)."""
+    split = split_parameters(model)
+    decayed = split.head_decay + split.backbone_decay
+    assert decayed, "a model with a classifier always has at least one decayed weight"
+    return weight_decay / 2 * sum(parameter.pow(2).sum() for parameter in decayed)
+
+
+def regularization_loss(model: nn.Module, cfg: OptimConfig) -> torch.Tensor:
+    """The term to add to the data loss: the L2 penalty in ``l2`` mode, a zero scalar in ``weight_decay`` mode."""
+    if cfg.regularization == "l2" and cfg.weight_decay > 0:
+        return l2_penalty(model, weight_decay=cfg.weight_decay)
+    reference = next(model.parameters())
+    return torch.zeros((), device=reference.device, dtype=reference.dtype)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int
+) -> lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine (to 0 at the last step), step decay or a constant lr; call ``step()`` per
+    iteration (after ``optimizer.step()``). Milestones are epochs counted from the start of training.
+    """
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch} and {epochs}")
+    if cfg.warmup_epochs >= epochs:
+        raise ValueError(f"optim.warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({epochs})")
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    main_steps = epochs * steps_per_epoch - warmup_steps
+    if cfg.schedule == "cosine":
+        main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
+    elif cfg.schedule == "step":
+        # The main scheduler counts from the end of warm-up, so shift the milestones by the warm-up length.
+        milestones = [m * steps_per_epoch - warmup_steps for m in cfg.step_milestones]
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.step_gamma)
+    else:
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup_steps == 0:
+        return main
+    warmup = lr_scheduler.LinearLR(
+        optimizer, start_factor=WARMUP_START_FACTOR, end_factor=1.0, total_iters=warmup_steps
+    )
+    return lr_scheduler.SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
