@@ -235,6 +235,13 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # a required field without default
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+    except ConfigError as err:
+        # A section checks itself under its usual name ("early_stopping.patience"); when it sits deeper in
+        # the tree, name the field by its full dotted path ("train.early_stopping.patience").
+        name, _, message = str(err).partition(": ")
+        if prefix and not name.startswith(prefix) and "." in name:
+            raise ConfigError(f"{prefix}.{name.rsplit('.', 1)[1]}: {message}") from None
+        raise
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -288,6 +295,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Build the typed config ``cls`` from a YAML recipe and dotted ``key=value`` overrides."""
     tree = read_yaml(path) if path is not None else {}
     return _build(cls, merge_overrides(tree, overrides or []))
+
+
+def from_dict(cls: type[T], tree: dict[str, Any]) -> T:
+    """Rebuild (and re-validate) a typed config from :func:`to_dict` output, e.g. inside a Ray worker."""
+    return _build(cls, tree)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -394,8 +406,8 @@ class OptimConfig:
 class EarlyStoppingConfig:
     """Stop training when a validation metric has not improved for ``patience`` epochs."""
 
-    metric: str = "val_acc"
-    """Name of the validation metric watched, e.g. val_acc or val_loss."""
+    metric: Literal["val/top1", "val/top5", "val/loss"] = "val/top1"
+    """Validation metric watched (the names the training loop logs)."""
     mode: Literal["max", "min"] = "max"
     """max: larger is better (accuracy); min: smaller is better (loss)."""
     patience: int = 5
@@ -406,10 +418,157 @@ class EarlyStoppingConfig:
     """false: the best value is still tracked but training never stops early."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.metric), "early_stopping.metric", "must name a validation metric, e.g. val_acc")
         _check(
             isinstance(self.patience, int) and self.patience >= 1,
             "early_stopping.patience",
             f"must be an integer >= 1, got {self.patience}",
         )
         _check(self.min_delta >= 0, "early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The epoch loop: length, early stopping and the speed switches."""
+
+    epochs: int = 90
+    """Maximum number of epochs (early stopping may end sooner)."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """When to stop and which metric picks the best epoch, whose weights are restored at the end."""
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 autocast: auto = on for CUDA, off on CPU (where bf16 matmuls are slower)."""
+    channels_last: bool = False
+    """NHWC memory format: faster convolutions on tensor-core GPUs; usually slower on CPU."""
+    compile: bool = False
+    """torch.compile the model (minutes of compilation; pays off on long GPU runs)."""
+    sanity_val_batches: int = 2
+    """Validation batches run before the first epoch, so a broken evaluation fails in seconds."""
+    seed: int = 0
+    """Seed of model initialization and of everything not seeded by the data config."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.sanity_val_batches >= 0, "train.sanity_val_batches", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which registered architecture to build (``pipeline.models``) and its regularization knobs."""
+
+    name: str = "cifar_resnet20"
+    """Registered architecture, e.g. cifar_resnet20, resnet50, mobilenet_v2, efficientnet_b0, convnext_tiny."""
+    num_classes: int | None = None
+    """Output classes; null takes the training manifest's class count (a mismatch with it is an error)."""
+    dropout: float | None = None
+    """Dropout probability before the final linear layer in [0, 1); null keeps the family's default."""
+    stochastic_depth: float | None = None
+    """Final block's drop-path probability (EfficientNet, ConvNeXt only); null keeps torchvision's default."""
+    scaling: dict[str, Any] = field(default_factory=dict)
+    """Family scaling knobs, e.g. {width_mult: 0.5} (MobileNetV2), {phi: 1} (efficientnet_compound)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must name a registered architecture (see docs/models.md)")
+        _check(
+            self.num_classes is None or self.num_classes >= 2,
+            "model.num_classes",
+            f"must be >= 2 or null (from the manifest), got {self.num_classes}",
+        )
+        _check(
+            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            "model.dropout",
+            f"must be in [0, 1) or null, got {self.dropout}",
+        )
+        _check(
+            self.stochastic_depth is None or 0.0 <= self.stochastic_depth < 1.0,
+            "model.stochastic_depth",
+            f"must be in [0, 1) or null, got {self.stochastic_depth}",
+        )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where and how the run is recorded in MLflow (rank 0 only)."""
+
+    uri: str | None = None
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else the local sqlite store .cache/mlflow/mlflow.db;
+    "none" turns tracking off."""
+    experiment: str = "pretrain"
+    """MLflow experiment name (created if missing)."""
+    run_name: str | None = None
+    """MLflow run name; null uses the checkpoint run name."""
+    required: bool = True
+    """true: an unreachable tracking server is an error; false: warn and train untracked."""
+    register_as: str | None = None
+    """Registered-model name the best weights are registered under; null skips registration."""
+    alias: str = "champion"
+    """Alias moved to the new version when it beats the current holder on the monitored metric."""
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How many training workers (DDP ranks) Ray Train starts, and what each one gets."""
+
+    num_workers: int = 2
+    """DDP ranks (one per GPU with use_gpu=true)."""
+    use_gpu: bool = False
+    """One GPU per worker, nccl backend and bf16 autocast (train.amp=auto); false: CPU workers with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker; size it to data.loader_workers + 1 on GPU nodes."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(
+            self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where Ray Train writes per-epoch checkpoints and how a failure is recovered."""
+
+    storage_path: str = ".cache/ray_results"
+    """Local directory (made absolute) or s3://bucket/prefix shared by all nodes; use S3 or a shared file
+    system on multi-node clusters."""
+    name: str | None = None
+    """Run directory under storage_path; null: pretrain-<model.name>. Deterministic, so --resume finds it."""
+    num_to_keep: int = 2
+    """Checkpoints kept, ranked by the early-stopping metric (the latest one is always kept too)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint after a worker dies (0: fail at once; -1: no limit)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_to_keep >= 1, "checkpoint.num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        _check(self.max_failures >= -1, "checkpoint.max_failures", f"must be >= -1, got {self.max_failures}")
+        _check(
+            self.name is None or (self.name and "/" not in self.name),
+            "checkpoint.name",
+            f"must be a plain directory name without '/', got {self.name!r}",
+        )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A pre-training job: ``python jobs/pretrain.py --config configs/pretrain/<recipe>.yaml [key=value ...]``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and batches (train_manifest and val_manifest are required)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, regularization mode and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Epochs, early stopping, precision and speed switches."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Ray Train workers."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint storage and fault tolerance."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data.train_manifest), "data.train_manifest", "is required (path or s3:// URL)")
+        _check(bool(self.data.val_manifest), "data.val_manifest", "is required (path or s3:// URL)")
+        _check(
+            self.optim.warmup_epochs < self.train.epochs,
+            "optim.warmup_epochs",
+            f"must be smaller than train.epochs ({self.train.epochs}), got {self.optim.warmup_epochs}",
+        )

@@ -252,7 +252,7 @@ def test_early_stopping_max_with_patience_and_min_delta():
 
 
 def test_early_stopping_min_mode_and_nan():
-    cfg = EarlyStoppingConfig(metric="val_loss", mode="min", patience=3)
+    cfg = EarlyStoppingConfig(metric="val/loss", mode="min", patience=3)
     decisions = run_early_stopping(cfg, [1.0, 0.9, 0.95, float("nan"), 0.8, 0.85, 0.81, 0.8])
     assert [d[0] for d in decisions] == [True, True, False, False, True, False, False, False]
     assert [d[1] for d in decisions] == [False] * 7 + [True]  # 0.8 equals the best: not an improvement
@@ -325,7 +325,7 @@ def build_run(seed: int):
     model = tiny_model(seed)
     optimizer = build_optimizer(model, RESUME_CFG, global_batch_size=128)
     scheduler = build_scheduler(optimizer, RESUME_CFG, steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS)
-    stopper = EarlyStopping(EarlyStoppingConfig(metric="val_loss", mode="min", patience=3))
+    stopper = EarlyStopping(EarlyStoppingConfig(metric="val/loss", mode="min", patience=3))
     return model, optimizer, scheduler, stopper
 
 

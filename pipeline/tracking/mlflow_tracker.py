@@ -1,58 +1,372 @@
-"""MLflow, the only module that imports it: one run's logging, and reading results back by tag.
+"""MLflow, the only module that imports it: one run's logging, opening a tracker, registering models, and
+reading results back by tag.
 
 Everything goes through ``MlflowClient`` with an explicit tracking URI and run id, never mlflow's global
 "active run", so a library call cannot pick up or end somebody else's run (and no ``MLFLOW_RUN_ID`` leaks).
+
+A run survives worker restarts: the checkpoint stores ``tracker.run_id`` and the restarted rank 0 passes it
+back as ``run_id=``. Params already logged with the same value are skipped (MLflow params are immutable) and
+metric steps already in the store are skipped, so a re-run epoch is not logged twice.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import importlib.metadata
 import math
+import os
+import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from pipeline.tracking.base import NullTracker, Tracker
+
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+TRACKED_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset")
+# A healthy local server answers /health in milliseconds; 3 s tolerates a loaded machine without making an
+# unreachable server cost minutes (MLflow's own client retries with backoff for ~2 minutes by default).
+HEALTH_TIMEOUT_S = 3.0
+_REPO_DIR = Path(__file__).resolve().parents[2]
+
+
+class TrackingError(ValueError):
+    """The tracking server cannot be used; the message names the (redacted) URI and how to fix it."""
 
 
 class MlflowTracker:
-    """One MLflow run in experiment ``experiment`` (created if missing); use as a context manager."""
+    """One MLflow run in experiment ``experiment`` (created if missing); use as a context manager.
+
+    With ``run_id`` the existing run is continued (set back to RUNNING) instead of a new one created; the
+    experiment, run name and ``artifact_location`` are then ignored. ``artifact_location`` only applies when
+    the experiment is created (the sqlite store's default is ``./mlruns`` under the current directory).
+    """
 
     def __init__(
-        self, *, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None
+        self,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        artifact_location: str | None = None,
     ) -> None:
+        self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
-        found = self._client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-        run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
-        self.run_id: str = run.info.run_id
+        # (metric key, step) pairs already in the store when a run is resumed: logging them again is skipped
+        self._stored_steps: dict[str, set[int]] = {}
+        if run_id is None:
+            found = self._client.get_experiment_by_name(experiment)
+            if found:
+                experiment_id = found.experiment_id
+            else:
+                experiment_id = self._client.create_experiment(
+                    experiment, artifact_location=artifact_location
+                )
+            run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self._params: dict[str, str] = {}
+        else:
+            run = self._client.get_run(run_id)
+            self._client.update_run(run_id, status="RUNNING")
+            if tags:
+                self.set_tags(dict(tags))
+            self._params = dict(run.data.params)
+            for key in run.data.metrics:
+                history = self._client.get_metric_history(run_id, key)
+                self._stored_steps[key] = {entry.step for entry in history}
+        self.run_id: str | None = run.info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+        """Log ``params`` flattened to dotted keys (``optim.lr``) with string values.
 
-    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        Keys already logged with the same value are skipped, so re-logging the config after a resume is
+        harmless; a different value raises ``ValueError`` naming the key (MLflow params cannot change).
+        """
+        new: dict[str, str] = {}
+        for key, value in flatten_params(params).items():
+            old = self._params.get(key)
+            if old is None:
+                new[key] = value
+            elif old != value:
+                raise ValueError(
+                    f"param {key!r} was logged as {old!r} in run {self.run_id}, cannot change it to {value!r} "
+                    "(MLflow params are immutable: resume with the same config or start a new run)"
+                )
+        if new:
+            self._client.log_batch(self._run(), params=[Param(key, value) for key, value in new.items()])
+            self._params.update(new)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self._run(), key, str(value))
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Log ``metrics`` at ``step`` (the epoch); a step a resumed run already has for a key is skipped."""
         timestamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=entries)
+        entries = [
+            Metric(key, float(value), timestamp, step)
+            for key, value in metrics.items()
+            if step not in self._stored_steps.get(key, ())
+        ]
+        if entries:
+            self._client.log_batch(self._run(), metrics=entries)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self.run_id, text, artifact_file)
+        self._client.log_text(self._run(), text, artifact_file)
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._client.log_artifact(self.run_id, str(path))
+    def log_artifact(self, local_path: str | Path, *, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self._run(), str(local_path), artifact_path)
 
-    def close(self, *, failed: bool = False) -> None:
-        self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+    def close(self, *, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); a resumed run can be closed again."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+        self._client.set_terminated(self._run(), status=status)
+
+    def _run(self) -> str:
+        assert self.run_id is not None
+        return self.run_id
 
     def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ):
-        self.close(failed=exc_type is not None)
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.close(status="KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """``{"optim": {"lr": 0.1}} -> {"optim.lr": "0.1"}``; dataclasses (the config tree) count as dicts."""
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = {field.name: getattr(params, field.name) for field in dataclasses.fields(params)}
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def redact_uri(uri: str) -> str:
+    """``http://user:secret@host:5000/x -> http://host:5000/x``: credentials never go into logs or tags."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def git_revision(repo_dir: Path = _REPO_DIR) -> str:
+    """``git rev-parse HEAD`` of ``repo_dir``, or ``"unknown"`` outside a git checkout or without git."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+
+
+def package_versions(packages: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_tags(manifest_url: str, *, manifest_digest: str, arch: str, params: int, macs: int) -> dict[str, str]:
+    """The tags that make a run reproducible: code, environment, data and model identity."""
+    tags = {
+        "git.revision": git_revision(),
+        "dataset.manifest_url": redact_uri(manifest_url),
+        "dataset.manifest_digest": manifest_digest,
+        "model.arch": arch,
+        "model.params": str(params),
+        "model.macs": str(macs),
+    }
+    tags.update({f"version.{package}": version for package, version in package_versions().items()})
+    return tags
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """The embedded store ``sqlite:///<root>/.cache/mlflow/mlflow.db`` (root: the current directory).
+
+    Ray workers run in their own working directory: resolve the URI once on the driver and pass it down.
+    """
+    directory = (root or Path.cwd()).resolve() / ".cache" / "mlflow"
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Explicit ``uri`` > ``MLFLOW_TRACKING_URI`` > the embedded sqlite default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_reachable(uri: str, *, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` unless the http(s) server at ``uri`` answers ``/health``; other schemes
+    (sqlite, file, databricks) are not checked."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    health_url = redact_uri(uri).rstrip("/") + "/health"
+    request = urllib.request.Request(health_url)
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(_unreachable_message(uri, f"cannot connect ({reason})")) from None
+    if status != 200:
+        raise TrackingError(_unreachable_message(uri, f"/health answered HTTP {status}"))
+
+
+def _unreachable_message(uri: str, problem: str) -> str:
+    return (
+        f"MLflow tracking server {redact_uri(uri)} is unreachable: {problem}. Start the server "
+        "(see infra/), point tracking.uri (or MLFLOW_TRACKING_URI) at a running one, or set "
+        "tracking.required=false to train without tracking."
+    )
+
+
+def open_tracker(
+    *,
+    uri: str | None,
+    experiment: str,
+    run_name: str,
+    required: bool,
+    run_id: str | None = None,
+    rank: int = 0,
+) -> Tracker:
+    """The tracker for this process: :class:`NullTracker` off rank 0 or with ``uri="none"``, else MLflow.
+
+    An unreachable server raises :class:`TrackingError`, or with ``required=False`` warns and returns a
+    :class:`NullTracker` so training goes on untracked.
+    """
+    if rank != 0 or (uri is not None and uri.lower() == "none"):
+        return NullTracker()
+    resolved = resolve_tracking_uri(uri)
+    try:
+        check_reachable(resolved)
+    except TrackingError as error:
+        if required:
+            raise
+        warnings.warn(f"{error} Continuing without tracking.", RuntimeWarning, stacklevel=2)
+        return NullTracker()
+    artifact_location = None
+    if resolved.startswith("sqlite:///"):  # keep artifacts next to the database, not in ./mlruns
+        artifact_location = Path(resolved.removeprefix("sqlite:///")).parent.joinpath("artifacts").as_uri()
+    return MlflowTracker(
+        tracking_uri=resolved,
+        experiment=experiment,
+        run_name=run_name,
+        run_id=run_id,
+        artifact_location=artifact_location,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """The outcome of :func:`register_model`."""
+
+    name: str
+    version: str
+    alias: str
+    alias_moved: bool
+    """True when ``alias`` now points at ``version``."""
+    value: float
+    """The new version's run's best ``metric``."""
+    previous_version: str | None
+    """The version that held ``alias`` before (None if none did)."""
+    previous_value: float | None
+
+
+def register_model(
+    tracker_or_run_id: MlflowTracker | str,
+    *,
+    artifact_path: str,
+    name: str,
+    alias: str,
+    metric: str,
+    mode: Literal["max", "min"],
+    tracking_uri: str | None = None,
+) -> Registration:
+    """Register the run's artifact ``artifact_path`` as a new version of model ``name`` and move ``alias``
+    to it if no version holds the alias or its run's best ``metric`` beats the holder's (ties keep the holder).
+
+    A run's value is the best over its metric history (``mode``), which is the epoch of the best checkpoint.
+    With a run id instead of a tracker, ``tracking_uri`` is resolved as in :func:`resolve_tracking_uri`.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if isinstance(tracker_or_run_id, MlflowTracker):
+        run_id, uri = tracker_or_run_id._run(), tracker_or_run_id.tracking_uri
+    else:
+        run_id, uri = tracker_or_run_id, resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    value = _best_metric(client, run_id, metric, mode)
+    if value is None:
+        raise ValueError(f"run {run_id} has no metric {metric!r} to rank model {name!r} by")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id).version
+
+    previous_version = previous_value = None
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    if holder is not None:
+        previous_version = str(holder.version)
+        previous_value = _best_metric(client, holder.run_id, metric, mode) if holder.run_id else None
+    better = previous_value is None or (value > previous_value if mode == "max" else value < previous_value)
+    if better:
+        client.set_registered_model_alias(name, alias, version)
+    return Registration(
+        name=name,
+        version=str(version),
+        alias=alias,
+        alias_moved=better,
+        value=value,
+        previous_version=previous_version,
+        previous_value=previous_value,
+    )
+
+
+def _best_metric(client: MlflowClient, run_id: str, metric: str, mode: str) -> float | None:
+    values = [m.value for m in client.get_metric_history(run_id, metric) if not math.isnan(m.value)]
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
 
 
 def best_metric_by_tag(

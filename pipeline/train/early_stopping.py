@@ -54,7 +54,12 @@ class EarlyStopping:
             self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
             self.bad_epochs += 1
-        return Decision(improved=improved, stop=self.cfg.enabled and self.bad_epochs >= self.cfg.patience)
+        return Decision(improved=improved, stop=self.should_stop)
+
+    @property
+    def should_stop(self) -> bool:
+        """patience epochs in a row without improvement (a run resumed in this state trains no further)."""
+        return self.cfg.enabled and self.bad_epochs >= self.cfg.patience
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only, so a checkpoint loads with ``torch.load(weights_only=True)``."""

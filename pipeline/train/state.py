@@ -53,6 +53,8 @@ class TrainState:
     """Best value of the watched validation metric so far."""
     tracking_run_id: str | None = None
     """Experiment-tracking run to continue logging into, so a resumed run is not a new run."""
+    best_model: dict[str, torch.Tensor] | None = None
+    """Weights of the best epoch so far, restored at the end of training (survives restarts)."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -104,8 +106,13 @@ def capture_state(
     scaler: torch.amp.GradScaler | None = None,
     best_metric: float | None = None,
     tracking_run_id: str | None = None,
+    best_model: dict[str, torch.Tensor] | None = None,
 ) -> TrainState:
-    """Snapshot the live objects and the RNGs (call it at an epoch boundary, ``epoch`` = next epoch)."""
+    """Snapshot the live objects and the RNGs (call it at an epoch boundary, ``epoch`` = next epoch).
+
+    Like ``state_dict()``, the model and optimizer entries share storage with the live tensors: save the
+    state (or copy it) before training continues.
+    """
     return TrainState(
         epoch=epoch,
         global_step=global_step,
@@ -117,6 +124,7 @@ def capture_state(
         scaler=scaler.state_dict() if scaler is not None else None,
         best_metric=best_metric,
         tracking_run_id=tracking_run_id,
+        best_model=best_model,
     )
 
 

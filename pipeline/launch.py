@@ -1,0 +1,217 @@
+"""Ray Train, the only module that imports it: start or join Ray, run a training function on N DDP workers
+with per-epoch checkpoints and automatic restarts, and the per-worker glue around ``pipeline.train.fit``.
+
+What Ray Train provides here and is not re-implemented:
+
+* ``TorchTrainer`` + ``ScalingConfig``: one process per rank, the process group (nccl on GPU, gloo on CPU),
+  ``prepare_model`` for device placement and DDP;
+* ``ray.train.report(metrics, checkpoint)`` every epoch: rank 0 writes the :class:`TrainState` file, Ray
+  copies it to ``{storage_path}/{name}/`` (local or ``s3://``) and keeps ``num_to_keep`` of them ranked by
+  the monitored metric (the latest is always kept);
+* ``FailureConfig(max_failures)``: when a worker dies, Ray restarts the whole group and
+  ``ray.train.get_checkpoint()`` hands the last reported checkpoint to the new workers;
+* resuming a stopped job = running again with the same ``RunConfig(storage_path, name)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.config import CheckpointConfig, ConfigError, PretrainConfig, ScalingConfig, from_dict
+from pipeline.train.build import build_run, replica_digests
+from pipeline.train.loop import fit, unwrap
+from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
+
+STATE_FILE = "state.pt"
+# Offline and quiet in every worker, whatever the environment of the node's raylet.
+_WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class LaunchError(RuntimeError):
+    """Training failed after Ray exhausted its restarts; the message carries the workers' error."""
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    checkpoint_dir: str
+    """The latest checkpoint, copied to a local directory (holds :data:`STATE_FILE`)."""
+    metrics: dict[str, Any]
+    """Metrics reported with the latest checkpoint (rank 0's)."""
+    run_path: str
+    """``{storage_path}/{name}`` where Ray keeps the run's checkpoints."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def ensure_ray(scaling: ScalingConfig) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (set for ``ray job submit`` entrypoints) or start a private
+    local instance (``address="local"``: a bare ``ray.init()`` would join any cluster on the machine).
+
+    A local instance must fit the workers, or Ray would wait for resources forever: checked first.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = os.cpu_count() or 1
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    if needed > cpus:
+        raise ConfigError(
+            f"scaling.num_workers: {scaling.num_workers} workers x scaling.cpus_per_worker="
+            f"{scaling.cpus_per_worker} need {needed:g} CPUs, this machine has {cpus}; lower them or submit "
+            "to a cluster with `ray job submit`"
+        )
+    if scaling.use_gpu and torch.cuda.device_count() < scaling.num_workers:
+        raise ConfigError(
+            f"scaling.use_gpu: {scaling.num_workers} GPU workers requested, this machine has "
+            f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
+        )
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def launch(
+    train_fn: Callable[[dict[str, Any]], Any],
+    *,
+    loop_config: dict[str, Any],
+    scaling: ScalingConfig,
+    checkpoint: CheckpointConfig,
+    storage_path: str,
+    name: str,
+    metric: str,
+    mode: str,
+) -> LaunchResult:
+    """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` DDP workers and wait for it.
+
+    ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
+    """
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray(scaling)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=RayScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=RayCheckpointConfig(
+                num_to_keep=checkpoint.num_to_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=FailureConfig(max_failures=checkpoint.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise LaunchError(_short_error(error)) from None
+    if result.error is not None:
+        raise LaunchError(_short_error(result.error))
+    if result.checkpoint is None:
+        raise LaunchError(f"training under {result.path} finished without reporting a checkpoint")
+    local_dir = tempfile.mkdtemp(prefix="pipeline-ckpt-")
+    result.checkpoint.to_directory(local_dir)
+    return LaunchResult(
+        checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=str(result.path)
+    )
+
+
+def _short_error(error: BaseException) -> str:
+    """The workers' error in a few lines instead of Ray's nested traceback wall."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    tail = [line for line in lines if not line.startswith((" ", "Traceback", "File "))][-6:]
+    return "\n".join(tail) or type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def restore_checkpoint() -> dict[str, Any] | None:
+    """The state of the checkpoint Ray hands this worker (after a restart or on resume), else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_checkpoint(Path(directory) / STATE_FILE)
+
+
+def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> None:
+    """``ray.train.report`` on every rank (it is a barrier); only rank 0 writes the state file."""
+    epoch = state.epoch - 1
+    with tempfile.TemporaryDirectory(prefix="pipeline-report-") as directory:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(state, Path(directory) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(
+            {**metrics, "epoch": epoch}, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}"
+        )
+
+
+def pretrain_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP rank of a pre-training run: ``loop_config`` = {config, tracking_uri, run_id}."""
+    os.environ.update(_WORKER_ENV)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
+    cfg = from_dict(PretrainConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    parts = build_run(cfg, rank=rank, world_size=world_size, device=device)
+    model = ray.train.torch.prepare_model(parts.model, move_to_device=False)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    tracker = None
+    if rank == 0 and loop_config.get("run_id"):
+        from pipeline.tracking.mlflow_tracker import open_tracker
+
+        tracker = open_tracker(
+            uri=loop_config["tracking_uri"],
+            experiment=cfg.tracking.experiment,
+            run_name=loop_config["run_name"],
+            required=cfg.tracking.required,
+            run_id=loop_config["run_id"],
+        )
+
+    def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
+        # Every epoch: replicas must be bit-identical, or rank 0's checkpoint is not the model that trained.
+        digests = replica_digests(unwrap(model))
+        report_epoch(state, {**metrics, "param_digests": digests}, rank=rank)
+
+    fit(
+        model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        optim_cfg=cfg.optim,
+        train_cfg=cfg.train,
+        device=device,
+        tracker=tracker,
+        resume=restore_checkpoint(),
+        on_epoch_end=on_epoch_end,
+    )

@@ -1,0 +1,362 @@
+"""The pre-training job's driver: validate, open the MLflow run, launch the DDP workers, then export, plot
+and register the best weights.
+
+Order matters: :func:`validate` touches only the config, the model registry and the manifests, so every bad
+input (unknown architecture, missing manifest, impossible batch) fails in seconds with a message naming the
+field, before Ray is even imported. The MLflow run is created here, on the driver, and its id is passed to
+the workers and written beside the checkpoints (``pipeline_run.json``): a restarted worker group and a
+``--resume`` both log into the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, PretrainConfig, dump_yaml, replace_fields, to_dict
+from pipeline.data import storage
+from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url
+
+RUN_MARKER = "pipeline_run.json"
+EXPORT_DIR = "model"
+EXPORT_WEIGHTS = "model.pt"
+EXPORT_CONFIG = "model_config.json"
+CURVES = ("loss", "top1")
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What validation learned on the way, reused by the driver."""
+
+    train_manifest: Manifest
+    val_manifest: Manifest
+    num_classes: int
+    arch: str
+    """The architecture's full name including scaling (e.g. efficientnet_compound_phi1)."""
+
+
+@dataclass(frozen=True)
+class PretrainOutcome:
+    run_name: str
+    run_url: str
+    """``{checkpoint.storage_path}/{run_name}``: checkpoints, the run marker and the exported model."""
+    export_url: str
+    """Directory holding ``model.pt`` (state_dict + model config) and ``model_config.json``."""
+    epochs_completed: int
+    best_epoch: int | None
+    best_metric: float | None
+    final_metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    registration: Any | None
+    """A :class:`pipeline.tracking.mlflow_tracker.Registration` when the model was registered."""
+
+
+def validate(cfg: PretrainConfig) -> Validated:
+    """Everything that can be checked without Ray: raises :class:`ConfigError` naming the field."""
+    from pipeline.models import UnknownModelError, get_spec
+
+    try:
+        spec = get_spec(cfg.model.name)
+    except UnknownModelError as error:
+        raise ConfigError(f"model.name: {error}") from None
+    try:
+        arch = spec.info(**cfg.model.scaling).name
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.scaling: {error}") from None
+    if cfg.model.stochastic_depth is not None and spec.stochastic_depth is None:
+        raise ConfigError(
+            f"model.stochastic_depth: the {spec.family} family has no stochastic depth; remove it"
+        )
+    manifests = {}
+    for field_name in ("train_manifest", "val_manifest"):
+        url = getattr(cfg.data, field_name)
+        try:
+            manifests[field_name] = load_manifest(url)
+        except (ManifestError, storage.StorageError, OSError, ValueError) as error:
+            raise ConfigError(f"data.{field_name}: {error}") from None
+    train, val = manifests["train_manifest"], manifests["val_manifest"]
+    if val.classes != train.classes:
+        raise ConfigError(
+            f"data.val_manifest: its classes differ from the training manifest's ({len(val.classes)} vs "
+            f"{len(train.classes)}); shard val with --classes-from the train manifest"
+        )
+    num_classes = cfg.model.num_classes or train.num_classes
+    if num_classes != train.num_classes:
+        raise ConfigError(
+            f"model.num_classes: {num_classes} but {train.url} has {train.num_classes} classes; "
+            "set it to null to follow the manifest"
+        )
+    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers
+    if train.num_samples < global_batch:
+        raise ConfigError(
+            f"data.batch_size_per_worker: {cfg.scaling.num_workers} workers x {cfg.data.batch_size_per_worker} "
+            f"= {global_batch} exceeds the {train.num_samples} training samples; lower it"
+        )
+    return Validated(train_manifest=train, val_manifest=val, num_classes=num_classes, arch=arch)
+
+
+def absolute_storage(path: str) -> str:
+    """``s3://`` as is; a local path made absolute, because Ray workers do not run in the driver's cwd."""
+    return path if storage.is_s3(path) else str(Path(path).expanduser().resolve())
+
+
+def _run_exists(storage_path: str, name: str) -> bool:
+    base = storage.join(storage_path, name)
+    return storage.exists(storage.join(base, RUN_MARKER)) or storage.exists(
+        storage.join(base, "checkpoint_manager_snapshot.json")
+    )
+
+
+def resolve_run_name(storage_path: str, base: str, *, resume: bool) -> str:
+    """A new run takes the first free name of ``base``, ``base-2``, ``base-3``...; ``resume`` takes the last
+    existing one. Names are deterministic (no timestamps) because resuming means reusing the name."""
+    existing = []
+    for index in range(1, 10_000):
+        name = base if index == 1 else f"{base}-{index}"
+        if not _run_exists(storage_path, name):
+            break
+        existing.append(name)
+    if resume:
+        if not existing:
+            raise ConfigError(
+                f"--resume: no run named {base!r} under {storage_path}; check checkpoint.storage_path and "
+                "checkpoint.name, or drop --resume to start a new run"
+            )
+        return existing[-1]
+    return base if not existing else f"{base}-{len(existing) + 1}"
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """sha256 of the manifest file as stored: names the exact shards (each listed with its own sha256)."""
+    return hashlib.sha256(storage.read_bytes(manifest_url(manifest.url))).hexdigest()
+
+
+def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
+    from pipeline.tracking.mlflow_tracker import redact_uri
+    from pipeline.train.optim import scaled_lr
+
+    params = to_dict(cfg)
+    if params["tracking"]["uri"]:
+        params["tracking"]["uri"] = redact_uri(params["tracking"]["uri"])
+    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers
+    params["derived"] = {
+        "global_batch_size": global_batch,
+        "scaled_lr": scaled_lr(cfg.optim, global_batch_size=global_batch),
+        "num_classes": validated.num_classes,
+        "train_samples": validated.train_manifest.num_samples,
+        "val_samples": validated.val_manifest.num_samples,
+    }
+    return params
+
+
+def _open_run(cfg: PretrainConfig, validated: Validated, *, run_name: str, run_url: str, run_id: str | None):
+    """The driver's tracker (a NullTracker when tracking is off or, with required=false, unreachable)."""
+    from pipeline.models.profile import count_macs, count_parameters
+    from pipeline.tracking.mlflow_tracker import open_tracker, run_tags
+    from pipeline.train.build import build_classifier
+
+    tracker = open_tracker(
+        uri=cfg.tracking.uri,
+        experiment=cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or run_name,
+        required=cfg.tracking.required,
+        run_id=run_id,
+    )
+    if tracker.run_id is None:
+        return tracker
+    model = build_classifier(cfg.model, num_classes=validated.num_classes)
+    tags = run_tags(
+        cfg.data.train_manifest,
+        manifest_digest=manifest_digest(validated.train_manifest),
+        arch=validated.arch,
+        params=count_parameters(model),
+        macs=count_macs(model, resolution=cfg.data.resolution),
+    )
+    tags.update({"pipeline.job": "pretrain", "pipeline.run_url": run_url, "model.family": model.family})
+    tracker.set_tags(tags)
+    tracker.log_params(_run_params(cfg, validated))
+    tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    return tracker
+
+
+def _write_marker(run_url: str, run_id: str | None, tracking_uri: str | None, experiment: str) -> None:
+    from pipeline.tracking.mlflow_tracker import redact_uri
+
+    storage.makedirs(run_url)
+    marker = {
+        "mlflow_run_id": run_id,
+        "tracking_uri": redact_uri(tracking_uri or ""),
+        "experiment": experiment,
+    }
+    storage.write_bytes_atomic(storage.join(run_url, RUN_MARKER), json.dumps(marker, indent=2).encode())
+
+
+def _read_marker(run_url: str) -> dict[str, Any]:
+    url = storage.join(run_url, RUN_MARKER)
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
+
+
+def export_model(state: dict[str, Any], cfg: PretrainConfig, validated: Validated, directory: Path) -> Path:
+    """Write ``model.pt`` = {"state_dict", "model_config"} (tensors and plain types only: it loads with
+    ``torch.load(weights_only=True)`` and needs no class from this repo) and ``model_config.json``."""
+    import torch
+
+    from pipeline.train.build import model_export_config
+
+    weights = state.get("best_model") or state["model"]  # the best epoch's, as restored at the end of fit
+    model_config = model_export_config(
+        cfg.model,
+        num_classes=validated.num_classes,
+        classes=validated.train_manifest.classes,
+        resolution=cfg.data.resolution,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": weights, "model_config": model_config}, directory / EXPORT_WEIGHTS)
+    (directory / EXPORT_CONFIG).write_text(json.dumps(model_config, indent=2))
+    return directory
+
+
+def load_exported(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``(model with the exported weights, model_config)`` from an export directory or its ``model.pt``."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.train.build import build_classifier
+
+    path = Path(path)
+    payload = torch.load(
+        path / EXPORT_WEIGHTS if path.is_dir() else path, map_location="cpu", weights_only=True
+    )
+    config = payload["model_config"]
+    model_cfg = ModelConfig(
+        name=config["name"],
+        num_classes=config["num_classes"],
+        dropout=config["dropout"],
+        stochastic_depth=config["stochastic_depth"],
+        scaling=config["scaling"],
+    )
+    model = build_classifier(model_cfg, num_classes=config["num_classes"])
+    model.load_state_dict(payload["state_dict"])
+    return model, config
+
+
+def plot_learning_curves(tracking_uri: str, run_id: str, path: Path) -> Path:
+    """Train and val loss and top-1 per epoch, read back from the MLflow run (all epochs, across restarts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    for axis, name in zip(axes, CURVES, strict=True):
+        for split in ("train", "val"):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"{split}/{name}"))
+            if history:
+                axis.plot(*zip(*history, strict=True), marker="o", label=split)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
+    """Validate, track, train on Ray, export, register. Raises ConfigError for bad input (nothing started),
+    ``TrackingError`` for an unreachable required server, ``LaunchError`` when training failed."""
+    validated = validate(cfg)
+    # Workers do not run in the driver's directory: hand them absolute local paths.
+    cfg = replace_fields(
+        cfg,
+        data=replace_fields(
+            cfg.data,
+            train_manifest=absolute_storage(cfg.data.train_manifest),
+            val_manifest=absolute_storage(cfg.data.val_manifest),
+        ),
+    )
+    storage_path = absolute_storage(cfg.checkpoint.storage_path)
+    run_name = resolve_run_name(
+        storage_path, cfg.checkpoint.name or f"pretrain-{cfg.model.name}", resume=resume
+    )
+    run_url = storage.join(storage_path, run_name)
+    previous = _read_marker(run_url) if resume else {}
+    tracker = _open_run(
+        cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id")
+    )
+    tracking_uri = getattr(tracker, "tracking_uri", None)
+    _write_marker(run_url, tracker.run_id, tracking_uri, cfg.tracking.experiment)
+    status = "FAILED"
+    try:
+        from pipeline.launch import STATE_FILE, launch, pretrain_worker
+        from pipeline.train.state import load_checkpoint
+
+        result = launch(
+            pretrain_worker,
+            loop_config={
+                "config": to_dict(cfg),
+                "tracking_uri": tracking_uri,
+                "run_id": tracker.run_id,
+                "run_name": run_name,
+            },
+            scaling=cfg.scaling,
+            checkpoint=cfg.checkpoint,
+            storage_path=storage_path,
+            name=run_name,
+            metric=cfg.train.early_stopping.metric,
+            mode=cfg.train.early_stopping.mode,
+        )
+        state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
+        with tempfile.TemporaryDirectory(prefix="pipeline-export-") as scratch:
+            export_dir = export_model(state, cfg, validated, Path(scratch) / EXPORT_DIR)
+            export_url = storage.join(run_url, EXPORT_DIR)
+            storage.makedirs(export_url)
+            for file in sorted(export_dir.iterdir()):
+                storage.put_file(str(file), storage.join(export_url, file.name))
+            registration = None
+            if tracker.run_id is not None:
+                for file in sorted(export_dir.iterdir()):
+                    tracker.log_artifact(file, artifact_path=EXPORT_DIR)
+                plot = plot_learning_curves(
+                    tracking_uri, tracker.run_id, Path(scratch) / "learning_curves.png"
+                )
+                tracker.log_artifact(plot, artifact_path="plots")
+                if cfg.tracking.register_as:
+                    from pipeline.tracking.mlflow_tracker import register_model
+
+                    registration = register_model(
+                        tracker,
+                        artifact_path=EXPORT_DIR,
+                        name=cfg.tracking.register_as,
+                        alias=cfg.tracking.alias,
+                        metric=cfg.train.early_stopping.metric,
+                        mode=cfg.train.early_stopping.mode,
+                    )
+        stopper = state["early_stopping"]
+        status = "FINISHED"
+        return PretrainOutcome(
+            run_name=run_name,
+            run_url=run_url,
+            export_url=export_url,
+            epochs_completed=int(state["epoch"]),
+            best_epoch=stopper["best_epoch"],
+            best_metric=stopper["best_value"],
+            final_metrics={k: v for k, v in result.metrics.items() if k != "param_digests"},
+            mlflow_run_id=tracker.run_id,
+            tracking_uri=tracking_uri,
+            registration=registration,
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker.run_id is not None:
+            tracker.close(status=status)

@@ -1,0 +1,250 @@
+"""The training loop: a plain ``fit()`` over epochs and steps, and an exact distributed ``evaluate()``.
+
+No Ray and no MLflow in here: the launcher hands in a (possibly DDP-wrapped) model, loaders, a tracker
+(``NullTracker`` on ranks other than 0) and an ``on_epoch_end`` callback that checkpoints. The same loop
+runs in a unit test in a plain process.
+
+Per epoch it logs ``train/loss``, ``train/top1``, ``train/lr``, ``val/loss``, ``val/top1``, ``val/top5``,
+``system/images_per_s``, ``system/data_wait`` and ``system/epoch_s`` with ``step=epoch``. Train and val
+metrics are sums all-reduced once per epoch, so every rank sees the same numbers and early stopping takes
+the same decision everywhere (and ``agree`` makes sure of it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.data.loader import DataWait
+from pipeline.data.transforms import normalize
+from pipeline.models.heads import set_train_mode
+from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.train.early_stopping import EarlyStopping, agree
+from pipeline.train.optim import regularization_loss
+from pipeline.train.state import TrainState, capture_state, restore_state
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    """Samples evaluated (over all ranks when reduced)."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    """Metrics of the epochs run by this call, each with its ``epoch``."""
+    best_epoch: int | None
+    best_metric: float | None
+    stopped_early: bool
+    state: TrainState
+    """The final state (``epoch`` = epochs completed), best weights already loaded into the model."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-rank totals over all ranks (one collective); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    enabled = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches,
+    *,
+    device: torch.device,
+    cfg: TrainConfig,
+    max_batches: int | None = None,
+    reduce: bool = True,
+) -> EvalResult:
+    """Loss, top-1 and top-5 over ``batches``. Runs the unwrapped model: DDP's forward would sync
+    buffers per step, and ranks may hold different numbers of eval batches (see the loader)."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for index, (images, labels) in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        x = normalize(images, device=device, channels_last=cfg.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with _autocast(device, cfg):
+            logits = net(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        count += len(y)
+    set_train_mode(net, was_training)
+    if reduce:
+        loss_sum, correct1, correct5, count = _reduce_sums([loss_sum, correct1, correct5, count], device)
+    if count == 0:
+        raise ValueError("evaluation saw no samples: is the validation manifest empty?")
+    return EvalResult(loss_sum / count, correct1 / count, correct5 / count, int(count))
+
+
+def fit(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_loader,
+    val_loader,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    device: torch.device,
+    tracker: Tracker | None = None,
+    resume: dict | None = None,
+    on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` (possibly DDP-wrapped) for up to ``train_cfg.epochs`` epochs.
+
+    ``resume`` is a checkpoint dict (``load_checkpoint``): training continues at its epoch with its
+    optimizer, scheduler, early-stopping and RNG state. ``on_epoch_end(state, metrics)`` is called on every
+    rank after each epoch with the resumable state, e.g. to report a checkpoint.
+    """
+    tracker = tracker or NullTracker()
+    net = unwrap(model)
+    stopper = EarlyStopping(train_cfg.early_stopping)
+    start_epoch, global_step, best_model = 0, 0, None
+    if resume is not None:
+        state = restore_state(
+            resume, model=net, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper
+        )
+        start_epoch, global_step, best_model = state.epoch, state.global_step, state.best_model
+    # A run that had already stopped early (e.g. killed while saving its last epoch) must not train on.
+    end_epoch = start_epoch if stopper.should_stop else train_cfg.epochs
+    if train_cfg.sanity_val_batches:
+        # Local only (no collective): ranks may hold fewer eval batches than asked for.
+        evaluate(
+            model,
+            val_loader,
+            device=device,
+            cfg=train_cfg,
+            max_batches=train_cfg.sanity_val_batches,
+            reduce=False,
+        )
+
+    history: list[dict[str, float]] = []
+    stopped_early = False
+    watched = train_cfg.early_stopping.metric
+    state = None
+    for epoch in range(start_epoch, end_epoch):
+        started = time.perf_counter()
+        set_train_mode(model)
+        train_loader.set_epoch(epoch)
+        meter = DataWait()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for images, labels in meter.iterate(train_loader):
+            x = normalize(images, device=device, channels_last=train_cfg.channels_last)
+            y = labels.to(device, non_blocking=True)
+            with _autocast(device, train_cfg):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=optim_cfg.label_smoothing)
+            total = loss + regularization_loss(net, optim_cfg)  # the L2 mode's delta/2 ||w||^2, else 0
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if optim_cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            # Accumulated on the device: .item() every step would synchronize a GPU each step.
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+            seen += len(y)
+        train_loss, train_correct, train_seen, images_per_s = _reduce_sums(
+            [loss_sum.item(), correct.item(), float(seen), seen / max(meter.total_seconds, 1e-9)], device
+        )
+        val = evaluate(model, val_loader, device=device, cfg=train_cfg)
+        metrics = {
+            "train/loss": train_loss / train_seen,
+            "train/top1": train_correct / train_seen,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "val/loss": val.loss,
+            "val/top1": val.top1,
+            "val/top5": val.top5,
+            "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
+            "system/data_wait": meter.wait_fraction,
+            "system/epoch_s": time.perf_counter() - started,
+        }
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(
+                f"epoch {epoch}: training loss is {metrics['train/loss']}; lower optim.lr"
+            )
+        decision = stopper.update(metrics[watched], epoch)
+        if decision.improved:
+            best_model = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        stop = agree(decision.stop)
+        tracker.log_metrics(metrics, step=epoch)
+        history.append({"epoch": epoch, **metrics})
+        state = capture_state(
+            epoch=epoch + 1,
+            global_step=global_step,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            early_stopping=stopper,
+            best_metric=stopper.best_value,
+            tracking_run_id=tracker.run_id,
+            best_model=best_model,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+        if stop:
+            stopped_early = True
+            break
+    if state is None:  # resumed after the last epoch: nothing left to run
+        state = capture_state(
+            epoch=start_epoch,
+            global_step=global_step,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            early_stopping=stopper,
+            best_metric=stopper.best_value,
+            tracking_run_id=tracker.run_id,
+            best_model=best_model,
+        )
+    if best_model is not None:
+        net.load_state_dict(best_model)  # the best epoch's weights are what gets saved and registered
+    return FitResult(
+        history=history,
+        best_epoch=stopper.best_epoch,
+        best_metric=stopper.best_value,
+        stopped_early=stopped_early,
+        state=state,
+    )
+
+
+__all__ = ["EvalResult", "FitResult", "evaluate", "fit", "unwrap"]
