@@ -80,7 +80,8 @@ def ensure_ray(scaling: ScalingConfig) -> None:
             f"scaling.use_gpu: {scaling.num_workers} GPU workers requested, this machine has "
             f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
         )
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard (on 127.0.0.1 only) serves the state API that Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def launch(
@@ -200,8 +201,12 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
         # Every epoch: replicas must be bit-identical, or rank 0's checkpoint is not the model that trained.
         digests = replica_digests(unwrap(model))
-        report_epoch(state, {**metrics, "param_digests": digests}, rank=rank)
+        report_epoch(state, {**metrics, "param_digests": [d[:16] for d in digests]}, rank=rank)
 
+    resume = restore_checkpoint()
+    if resume is not None and tracker is not None:
+        # Visible in the MLflow UI: where a worker-group restart (or --resume) picked the run up again.
+        tracker.log_metrics({"system/resumed": 1.0}, step=int(resume["epoch"]))
     fit(
         model,
         optimizer=parts.optimizer,
@@ -212,6 +217,6 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         train_cfg=cfg.train,
         device=device,
         tracker=tracker,
-        resume=restore_checkpoint(),
+        resume=resume,
         on_epoch_end=on_epoch_end,
     )

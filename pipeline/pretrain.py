@@ -184,14 +184,14 @@ def _open_run(cfg: PretrainConfig, validated: Validated, *, run_name: str, run_u
     return tracker
 
 
-def _write_marker(run_url: str, run_id: str | None, tracking_uri: str | None, experiment: str) -> None:
-    from pipeline.tracking.mlflow_tracker import redact_uri
+def _write_marker(run_url: str, run_id: str | None, tracking_uri: str | None, cfg: PretrainConfig) -> None:
+    from pipeline.tracking.mlflow_tracker import flatten_params, redact_uri
 
     storage.makedirs(run_url)
     marker = {
         "mlflow_run_id": run_id,
         "tracking_uri": redact_uri(tracking_uri or ""),
-        "experiment": experiment,
+        "config": flatten_params(_comparable(cfg)),
     }
     storage.write_bytes_atomic(storage.join(run_url, RUN_MARKER), json.dumps(marker, indent=2).encode())
 
@@ -199,6 +199,31 @@ def _write_marker(run_url: str, run_id: str | None, tracking_uri: str | None, ex
 def _read_marker(run_url: str) -> dict[str, Any]:
     url = storage.join(run_url, RUN_MARKER)
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
+
+
+def _comparable(cfg: PretrainConfig) -> dict[str, Any]:
+    """The config as resumed runs must repeat it (the tracking URI may carry credentials: not compared)."""
+    tree = to_dict(cfg)
+    tree["tracking"].pop("uri")
+    return tree
+
+
+def check_resumable(cfg: PretrainConfig, marker: dict[str, Any]) -> None:
+    """A resumed run must use the config it started with: the schedule, the data order and the MLflow params
+    all derive from it. Raises ConfigError listing the fields that differ."""
+    from pipeline.tracking.mlflow_tracker import flatten_params
+
+    before, now = marker.get("config") or {}, flatten_params(_comparable(cfg))
+    changed = [
+        f"{key} ({before.get(key)} -> {now.get(key)})"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+    if before and changed:
+        raise ConfigError(
+            f"--resume: the config differs from the stopped run's in {', '.join(changed)}; resume with the "
+            "same recipe and overrides, or drop --resume to start a new run"
+        )
 
 
 def export_model(state: dict[str, Any], cfg: PretrainConfig, validated: Validated, directory: Path) -> Path:
@@ -289,11 +314,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcom
     )
     run_url = storage.join(storage_path, run_name)
     previous = _read_marker(run_url) if resume else {}
+    check_resumable(cfg, previous)
     tracker = _open_run(
         cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id")
     )
     tracking_uri = getattr(tracker, "tracking_uri", None)
-    _write_marker(run_url, tracker.run_id, tracking_uri, cfg.tracking.experiment)
+    _write_marker(run_url, tracker.run_id, tracking_uri, cfg)
     status = "FAILED"
     try:
         from pipeline.launch import STATE_FILE, launch, pretrain_worker
@@ -349,7 +375,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcom
             epochs_completed=int(state["epoch"]),
             best_epoch=stopper["best_epoch"],
             best_metric=stopper["best_value"],
-            final_metrics={k: v for k, v in result.metrics.items() if k != "param_digests"},
+            final_metrics=dict(result.metrics),
             mlflow_run_id=tracker.run_id,
             tracking_uri=tracking_uri,
             registration=registration,
