@@ -65,3 +65,37 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def toy_pretrain_manifests(tmp_path_factory):
+    """Small embedded shards (10 classes of 32 px images, 2,000 train / 400 val): {"train": url, "val": url}."""
+    from pipeline.config import ShardConfig, ToyConfig
+    from pipeline.data.prepare import prepare_embedded
+
+    root = tmp_path_factory.mktemp("toy-pretrain")
+    toy = ToyConfig(
+        root=str(root / "raw"),
+        image_size=32,
+        pretrain_train_per_class=200,
+        pretrain_val_per_class=40,
+        downstream_train_max=10,
+        downstream_val_per_class=2,
+        downstream_imbalance=2.0,
+    )
+    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=250, workers=1))
+    return prepared.manifests["pretrain"]
+
+
+def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
+    """Overrides that point the toy_resnet20 recipe at test shards and keep every output under ``workdir``."""
+    return [
+        f"data.train_manifest={manifests['train']}",
+        f"data.val_manifest={manifests['val']}",
+        "data.batch_size_per_worker=50",
+        f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        "tracking.experiment=pretrain-test",
+        "tracking.register_as=toy-test",
+        f"checkpoint.storage_path={workdir}/ray_results",
+        "checkpoint.name=toy",
+    ]

@@ -17,29 +17,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import toy_pretrain_overrides
 
-from pipeline.config import PretrainConfig, ShardConfig, ToyConfig, load_config
-from pipeline.data.prepare import prepare_embedded
+from pipeline.config import PretrainConfig, load_config
 
 pytestmark = pytest.mark.ray
 RECIPE = "configs/pretrain/toy_resnet20.yaml"
 EPOCHS = 6
-
-
-@pytest.fixture(scope="module")
-def toy_manifests(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=200,
-        pretrain_val_per_class=40,
-        downstream_train_max=10,
-        downstream_val_per_class=2,
-        downstream_imbalance=2.0,
-    )
-    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=250, workers=1))
-    return prepared.manifests["pretrain"]
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +36,7 @@ def local_ray():
 
 
 def _toy_config(manifests, tmp_path: Path, *overrides: str) -> PretrainConfig:
-    return load_config(
-        PretrainConfig,
-        RECIPE,
-        [
-            f"data.train_manifest={manifests['train']}",
-            f"data.val_manifest={manifests['val']}",
-            "data.batch_size_per_worker=50",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            "tracking.experiment=pretrain-test",
-            "tracking.register_as=toy-test",
-            f"checkpoint.storage_path={tmp_path}/ray_results",
-            "checkpoint.name=toy",
-            *overrides,
-        ],
-    )
+    return load_config(PretrainConfig, RECIPE, [*toy_pretrain_overrides(manifests, tmp_path), *overrides])
 
 
 def _ray_train_workers() -> list[psutil.Process]:
@@ -90,14 +60,14 @@ def _kill_a_worker_after(checkpoint_dir: Path, killed: list[int], stop: threadin
         time.sleep(0.2)
 
 
-def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_manifests, tmp_path):
+def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_pretrain_manifests, tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.pretrain import load_exported, run_pretrain
     from pipeline.train.state import load_checkpoint
 
     cfg = _toy_config(
-        toy_manifests,
+        toy_pretrain_manifests,
         tmp_path,
         f"train.epochs={EPOCHS}",
         "train.early_stopping.patience=10",
@@ -127,12 +97,23 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_manifests, t
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    for key in ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "system/images_per_s",
-                "system/data_wait", "train/lr", "system/epoch_s"):
+    for key in (
+        "train/loss",
+        "train/top1",
+        "val/loss",
+        "val/top1",
+        "val/top5",
+        "system/images_per_s",
+        "system/data_wait",
+        "train/lr",
+        "system/epoch_s",
+    ):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), f"{key}: each epoch exactly once, got steps {steps}"
     resumed = client.get_metric_history(run.info.run_id, "system/resumed")
-    assert resumed and all(m.step >= 2 for m in resumed), "the killed worker group restarted from a checkpoint"
+    assert resumed and all(m.step >= 2 for m in resumed), (
+        "the killed worker group restarted from a checkpoint"
+    )
 
     val_top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
     # 10 classes: chance is 0.10, and 0.20 is ~6 standard deviations above it on 400 validation images.
@@ -143,8 +124,16 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_manifests, t
     # Params, tags and artifacts a user looks for in the UI.
     assert run.data.params["optim.regularization"] == "weight_decay"
     assert run.data.params["derived.global_batch_size"] == "100"
-    for tag in ("git.revision", "dataset.manifest_digest", "model.arch", "model.params", "model.macs",
-                "version.torch", "version.ray", "version.mlflow"):
+    for tag in (
+        "git.revision",
+        "dataset.manifest_digest",
+        "model.arch",
+        "model.params",
+        "model.macs",
+        "version.torch",
+        "version.ray",
+        "version.mlflow",
+    ):
         assert run.data.tags.get(tag), tag
     assert run.data.tags["model.params"] == "269722"  # ResNet-20 with a 10-class head
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
