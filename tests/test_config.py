@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, DataDemoConfig, field_docs, load_config
+from pipeline.config import ConfigError, DataConfig, DataDemoConfig, PretrainConfig, field_docs, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Each configs/ subdirectory holds recipes of one config type. A new directory must be added here, so that
 # no shipped recipe goes untested.
-RECIPE_TYPES = {"data": DataDemoConfig}
+RECIPE_TYPES = {"data": DataDemoConfig, "pretrain": PretrainConfig}
 
 
 def test_every_config_directory_has_a_type():
@@ -75,3 +75,13 @@ def test_demo_job_bad_config_exits_2(capsys):
 
     assert jobs.demo.main(["data.resolution=2"]) == 2
     assert "data.resolution: must be >= 8" in capsys.readouterr().err
+
+
+def test_scientific_notation_is_a_number_in_yaml_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) alone reads 5e-4 as the string "5e-4"; recipes and the docs write it that way.
+    from pipeline.config import OptimConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("weight_decay: 5e-4\nlr: 1e-1\n")
+    cfg = load_config(OptimConfig, recipe, ["label_smoothing=1e-1"])
+    assert (cfg.weight_decay, cfg.lr, cfg.label_smoothing) == (5e-4, 0.1, 0.1)
