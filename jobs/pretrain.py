@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from pipeline.config import ConfigError, PretrainConfig, dump_yaml, load_config
+from pipeline.errors import PipelineError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"pretrain: config error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # one clear line, not a traceback wall; details are in the Ray logs above
-        from pipeline.data.storage import StorageError
-        from pipeline.launch import LaunchError
-        from pipeline.tracking.mlflow_tracker import TrackingError
-
-        if isinstance(error, LaunchError | TrackingError | StorageError):
-            print(f"pretrain: failed: {error}", file=sys.stderr)
-            return 1
-        raise
+    except PipelineError as error:  # one clear line, not a traceback wall; details are in the logs above
+        print(f"pretrain: failed: {error}", file=sys.stderr)
+        return 1
     best = "n/a" if outcome.best_metric is None else f"{outcome.best_metric:.4f}"
     print(f"\n=== pretrain {outcome.run_name}: {outcome.epochs_completed} epochs ===")
     print(f"best {cfg.train.early_stopping.metric} = {best} at epoch {outcome.best_epoch}")

@@ -28,6 +28,7 @@ import ray.train.torch
 import torch
 
 from pipeline.config import CheckpointConfig, ConfigError, PretrainConfig, ScalingConfig, from_dict
+from pipeline.errors import PipelineError
 from pipeline.train.build import build_run, replica_digests
 from pipeline.train.loop import fit, unwrap
 from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
@@ -37,7 +38,7 @@ STATE_FILE = "state.pt"
 _WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PipelineError, RuntimeError):
     """Training failed after Ray exhausted its restarts; the message carries the workers' error."""
 
 

@@ -27,7 +27,8 @@ EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):
+    # After s3_server: the workers inherit its endpoint variables from the raylet started here.
     import ray
 
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
@@ -153,3 +154,52 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_pretrain_man
     assert registration is not None and registration.alias_moved and registration.version == "1"
     version = client.get_model_version_by_alias("toy-test", "champion")
     assert version.run_id == outcome.mlflow_run_id
+
+
+def test_shards_checkpoints_and_export_on_s3_then_resume(local_ray, s3_bucket, tmp_path):
+    """The cluster layout: shards, checkpoints and the exported model all in S3 (a real S3 HTTP server)."""
+    import boto3
+
+    from pipeline.config import ShardConfig, ToyConfig
+    from pipeline.data.prepare import prepare_embedded
+    from pipeline.pretrain import run_pretrain
+
+    toy = ToyConfig(
+        root=str(tmp_path / "raw"),
+        image_size=32,
+        pretrain_train_per_class=30,
+        pretrain_val_per_class=10,
+        downstream_train_max=4,
+        downstream_val_per_class=2,
+        downstream_imbalance=2.0,
+    )
+    prepared = prepare_embedded(
+        toy, ShardConfig(dest=f"s3://{s3_bucket}/shards", samples_per_shard=100, workers=1)
+    )
+    manifests = prepared.manifests["pretrain"]
+    assert manifests["train"].startswith("s3://")
+    overrides = [
+        *toy_pretrain_overrides(manifests, tmp_path),
+        "tracking.uri=none",
+        f"checkpoint.storage_path=s3://{s3_bucket}/checkpoints",
+        "scaling.num_workers=1",
+        "data.batch_size_per_worker=30",
+        "train.epochs=2",
+    ]
+    outcome = run_pretrain(load_config(PretrainConfig, RECIPE, overrides))
+    assert outcome.epochs_completed == 2 and outcome.mlflow_run_id is None
+    keys = {
+        o["Key"]
+        for o in boto3.client("s3")
+        .list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/")
+        .get("Contents", [])
+    }
+    assert {
+        "checkpoints/toy/epoch-0001/state.pt",
+        "checkpoints/toy/model/model.pt",
+        "checkpoints/toy/pipeline_run.json",
+    } <= keys, sorted(keys)
+
+    # --resume finds the run on S3; it has nothing left to train and ends at the same epoch.
+    again = run_pretrain(load_config(PretrainConfig, RECIPE, overrides), resume=True)
+    assert again.run_name == "toy" and again.epochs_completed == 2

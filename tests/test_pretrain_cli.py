@@ -21,18 +21,36 @@ RECIPE = "configs/pretrain/toy_resnet20.yaml"
 CASES = {
     "unknown architecture": (["model.name=resnet51"], "model.name: unknown model 'resnet51'; did you mean"),
     "zero batch size": (["data.batch_size_per_worker=0"], "data.batch_size_per_worker: must be a positive"),
-    "negative batch size": (["data.batch_size_per_worker=-8"], "data.batch_size_per_worker: must be a positive"),
+    "negative batch size": (
+        ["data.batch_size_per_worker=-8"],
+        "data.batch_size_per_worker: must be a positive",
+    ),
     "weight decay above 1": (["optim.weight_decay=1.5"], "optim.weight_decay: must be in [0, 1)"),
     "negative weight decay": (["optim.weight_decay=-1e-4"], "optim.weight_decay: must be in [0, 1)"),
     "dropout of 1": (["model.dropout=1.0"], "model.dropout: must be in [0, 1)"),
-    "missing manifest": (["data.train_manifest=/nonexistent/train/manifest.json"], "data.train_manifest: manifest"),
-    "unknown key": (["optim.weight_decya=1e-4"], "optim.weight_decya: unknown key; did you mean 'weight_decay'?"),
+    "missing manifest": (
+        ["data.train_manifest=/nonexistent/train/manifest.json"],
+        "data.train_manifest: manifest",
+    ),
+    "unknown key": (
+        ["optim.weight_decya=1e-4"],
+        "optim.weight_decya: unknown key; did you mean 'weight_decay'?",
+    ),
     "unknown section": (["optimizer.lr=0.1"], "optimizer: unknown key; did you mean 'optim'?"),
     "wrong type": (["train.epochs=ten"], "train.epochs: expected an integer, got 'ten'"),
-    "nested range": (["train.early_stopping.patience=0"], "train.early_stopping.patience: must be an integer >= 1"),
+    "nested range": (
+        ["train.early_stopping.patience=0"],
+        "train.early_stopping.patience: must be an integer >= 1",
+    ),
     "bad regularization": (["optim.regularization=l1"], "optim.regularization: must be one of"),
-    "adamw with l2": (["optim.name=adamw", "optim.regularization=l2"], "optim.regularization: adamw is decoupled"),
-    "unknown scaling knob": (["model.scaling={depth_mult: 2}"], "model.scaling: cifar_resnet20: unknown scaling"),
+    "adamw with l2": (
+        ["optim.name=adamw", "optim.regularization=l2"],
+        "optim.regularization: adamw is decoupled",
+    ),
+    "unknown scaling knob": (
+        ["model.scaling={depth_mult: 2}"],
+        "model.scaling: cifar_resnet20: unknown scaling",
+    ),
 }
 
 
@@ -78,3 +96,18 @@ def test_print_config_shows_the_resolved_tree(no_ray_env):
     result = _run(no_ray_env, "--print-config", "optim.weight_decay=1e-3")
     assert result.returncode == 0, result.stderr
     assert "weight_decay: 0.001" in result.stdout and "regularization: weight_decay" in result.stdout
+
+
+def test_unreachable_tracking_server_fails_before_ray(no_ray_env, toy_pretrain_manifests, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = toy_pretrain_overrides(toy_pretrain_manifests, tmp_path)
+    result = _run(no_ray_env, *overrides, f"tracking.uri=http://user:secret@127.0.0.1:{port}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in result.stderr
+    assert "tracking.required=false" in result.stderr
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr

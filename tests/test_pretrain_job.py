@@ -58,11 +58,25 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).parent / "ray")
     started = subprocess.run(
-        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--ray-client-server-port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={_free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={_free_port()}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     try:
@@ -87,10 +101,30 @@ def _submit(head, job_id: str, args: list[str]) -> None:
     deadline = time.monotonic() + 90
     while True:
         result = subprocess.run(
-            [head["cli"], "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-             "--runtime-env-json", excludes, "--submission-id", job_id, "--no-wait", "--",
-             "python", "jobs/pretrain.py", "--config", "configs/pretrain/toy_resnet20.yaml", *args],
-            env=head["env"], capture_output=True, text=True, timeout=120,
+            [
+                head["cli"],
+                "job",
+                "submit",
+                "--address",
+                head["address"],
+                "--working-dir",
+                str(REPO),
+                "--runtime-env-json",
+                excludes,
+                "--submission-id",
+                job_id,
+                "--no-wait",
+                "--",
+                "python",
+                "jobs/pretrain.py",
+                "--config",
+                "configs/pretrain/toy_resnet20.yaml",
+                *args,
+            ],
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         # Right after `ray start` the job agent may not be up yet: the server says so and asks to retry.
         if result.returncode == 0 or "No available agent" not in result.stderr or time.monotonic() > deadline:
@@ -114,28 +148,50 @@ def test_job_submit_stop_and_resume(ray_head, toy_pretrain_manifests, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(ray_head["address"])
-    args = [*toy_pretrain_overrides(toy_pretrain_manifests, tmp_path), f"train.epochs={EPOCHS}",
-            "train.early_stopping.patience=10"]
+    args = [
+        *toy_pretrain_overrides(toy_pretrain_manifests, tmp_path),
+        f"train.epochs={EPOCHS}",
+        "train.early_stopping.patience=10",
+    ]
     run_dir = tmp_path / "ray_results" / "toy"
 
     # 1. Submit, let it checkpoint epoch 0, then stop the whole job (driver and workers).
     _submit(ray_head, "pretrain-first", args)
-    _wait_for(lambda: (run_dir / "epoch-0000").exists() or jobs.get_job_status("pretrain-first").is_terminal(),
-              240, "the first epoch's checkpoint")
-    assert not jobs.get_job_status("pretrain-first").is_terminal(), jobs.get_job_logs("pretrain-first")[-3000:]
-    stopped = subprocess.run([ray_head["cli"], "job", "stop", "--address", ray_head["address"], "pretrain-first"],
-                             env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    _wait_for(
+        lambda: (run_dir / "epoch-0000").exists() or jobs.get_job_status("pretrain-first").is_terminal(),
+        240,
+        "the first epoch's checkpoint",
+    )
+    assert not jobs.get_job_status("pretrain-first").is_terminal(), jobs.get_job_logs("pretrain-first")[
+        -3000:
+    ]
+    stopped = subprocess.run(
+        [ray_head["cli"], "job", "stop", "--address", ray_head["address"], "pretrain-first"],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert _wait_for(lambda: jobs.get_job_status("pretrain-first").is_terminal(), 60, "the stop") 
+    assert _wait_for(lambda: jobs.get_job_status("pretrain-first").is_terminal(), 60, "the stop")
     assert jobs.get_job_status("pretrain-first") == JobStatus.STOPPED
     # The stopped job's training workers are gone, so they hold no CPUs the resumed job needs.
-    _wait_for(lambda: not any("RayTrainWorker" in " ".join(p.info["cmdline"] or ())
-                              for p in psutil.process_iter(["cmdline"])), 60, "the old workers to exit")
+    _wait_for(
+        lambda: (
+            not any(
+                "RayTrainWorker" in " ".join(p.info["cmdline"] or ())
+                for p in psutil.process_iter(["cmdline"])
+            )
+        ),
+        60,
+        "the old workers to exit",
+    )
 
     # 2. Resume: same run directory, same MLflow run, remaining epochs only.
     _submit(ray_head, "pretrain-resume", [*args, "--resume"])
-    status = _wait_for(lambda: (s := jobs.get_job_status("pretrain-resume")).is_terminal() and s, 300,
-                       "the resumed job")
+    status = _wait_for(
+        lambda: (s := jobs.get_job_status("pretrain-resume")).is_terminal() and s, 300, "the resumed job"
+    )
     logs = jobs.get_job_logs("pretrain-resume")
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "=== pretrain toy:" in logs

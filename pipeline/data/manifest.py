@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.data import storage
+from pipeline.errors import PipelineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(PipelineError, ValueError):
     """A manifest is missing or malformed; the message names the URL and how to fix it."""
 
 

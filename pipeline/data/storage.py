@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from pipeline.errors import PipelineError
+
 S3_SCHEME = "s3://"
 
 
-class StorageError(Exception):
+class StorageError(PipelineError):
     """A storage operation failed; the message names the URL or path and what to check.
 
     Messages never carry credentials or raw request headers, so they are safe to log.

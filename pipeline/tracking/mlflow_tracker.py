@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from pipeline.errors import PipelineError
 from pipeline.tracking.base import NullTracker, Tracker
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -41,7 +42,7 @@ HEALTH_TIMEOUT_S = 3.0
 _REPO_DIR = Path(__file__).resolve().parents[2]
 
 
-class TrackingError(ValueError):
+class TrackingError(PipelineError, ValueError):
     """The tracking server cannot be used; the message names the (redacted) URI and how to fix it."""
 
 
