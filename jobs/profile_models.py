@@ -1,11 +1,11 @@
 """Profile registered models: parameters, MACs, predictions/s and training images/s.
 
     python jobs/profile_models.py --models resnet50 efficientnet_b0 [--resolution R] [--batch-size B]
-        [--json OUT.json] [--csv OUT.csv] [--plot OUT.png] [--metric val_acc] [--no-timing]
+        [--json OUT.json] [--csv OUT.csv] [--plot OUT.png] [--metric val/top1] [--no-timing]
 
 Prints a Markdown table. With MLFLOW_TRACKING_URI (or --tracking-uri) set, the table (md/json/csv) and the
 plot are logged to a run in experiment ``profiling``, and ``--plot`` draws accuracy against MACs from the
-runs tagged ``arch=<model>`` that logged ``--metric``; without accuracies it draws MACs against predictions/s.
+runs tagged ``model.arch=<model>`` that logged ``--metric``; without accuracies it draws MACs against predictions/s.
 Exit code 2: unknown model name or bad argument.
 """
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--csv", type=Path, help="write the rows as CSV here")
     parser.add_argument("--plot", type=Path, help="draw accuracy vs MACs (or MACs vs predictions/s) here")
-    parser.add_argument("--metric", default="val_acc", help="MLflow metric holding the accuracy")
+    parser.add_argument("--metric", default="val/top1", help="MLflow metric holding the accuracy")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = parser.parse_args(argv)
     if args.batch_size < 2 or (args.resolution is not None and args.resolution < 8):
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.tracking_uri:
             from pipeline.tracking.mlflow_tracker import best_metric_by_tag
 
-            accuracies = best_metric_by_tag(tracking_uri=args.tracking_uri, tag="arch", metric=args.metric)
+            accuracies = best_metric_by_tag(
+                tracking_uri=args.tracking_uri, tag="model.arch", metric=args.metric
+            )
         kind = model_profile.plot(profiles, args.plot, accuracies=accuracies, accuracy_label=args.metric)
         print(f"plot ({kind}) written to {args.plot}", file=sys.stderr)
     if args.tracking_uri:

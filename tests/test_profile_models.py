@@ -79,11 +79,11 @@ def test_job_logs_to_mlflow_and_plots_accuracy_from_tagged_runs(job, tmp_path, c
         ("cifar_plain20", [0.85]),
     ):
         with MlflowTracker(
-            tracking_uri=uri, experiment="pretrain", run_name=arch, tags={"arch": arch}
+            tracking_uri=uri, experiment="pretrain", run_name=arch, tags={"model.arch": arch}
         ) as tracker:
             for step, value in enumerate(accuracies):
-                tracker.log_metrics({"val_acc": value}, step=step)
-    assert best_metric_by_tag(tracking_uri=uri, tag="arch", metric="val_acc") == {
+                tracker.log_metrics({"val/top1": value}, step=step)
+    assert best_metric_by_tag(tracking_uri=uri, tag="model.arch", metric="val/top1") == {
         "cifar_resnet20": 0.91,
         "cifar_plain20": 0.85,
     }

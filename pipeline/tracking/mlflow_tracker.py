@@ -376,7 +376,7 @@ def best_metric_by_tag(
     """``{tag value: highest final value of metric}`` over the runs that carry both the tag and the metric.
 
     A run's value is the last one it logged (``run.data.metrics``); runs of all experiments are searched unless
-    ``experiments`` names some. Used by the profiler to plot accuracy (e.g. ``val_acc``) per ``arch`` tag.
+    ``experiments`` names some. Used by the profiler to plot accuracy (``val/top1``) per ``model.arch`` tag.
     """
     client = MlflowClient(tracking_uri)
     if experiments is None:
