@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench bench-data profile lint clean
+.PHONY: setup test demo bench bench-data bench-train profile lint clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,16 @@ test: setup
 demo: setup
 	$(PY) jobs/demo.py
 
-bench: bench-data profile
+bench: bench-data bench-train profile
 
 bench-data: setup
 	$(PY) benchmarks/bench_data.py
+
+# Our Ray Train loop on 1 worker vs a bare PyTorch loop, same model/batch/synthetic data: img/s ratio (>= 0.95).
+# On a GPU: $(PY) benchmarks/bench_train.py --model resnet50 --resolution 224 --batch-size 256 --device cuda \
+#   --channels-last --amp bf16 [--compile]
+bench-train: setup
+	$(PY) benchmarks/bench_train.py
 
 # Parameters, MACs (torch.utils.flop_counter) and CPU/GPU throughput of the main architectures.
 profile: setup

@@ -7,6 +7,7 @@ is 4x less inter-process and host-to-device traffic than float32; ``normalize`` 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal
 
@@ -49,12 +50,20 @@ def eval_transform(resolution: int) -> v2.Transform:
     )
 
 
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std in 0-255 units, built once per device: a fresh ``torch.tensor(..., device=cuda)`` every
+    step is a synchronizing host-to-device copy."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(
     images: torch.Tensor, *, device: torch.device | str | None = None, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalized with ImageNet statistics, on ``device``."""
     images = images.to(device, non_blocking=True) if device is not None else images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _statistics(images.device)
     out = (images.float() - mean) / std
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out

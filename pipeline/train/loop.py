@@ -165,6 +165,7 @@ def fit(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
+        train_started = time.perf_counter()
         for images, labels in meter.iterate(train_loader):
             x = normalize(images, device=device, channels_last=train_cfg.channels_last)
             y = labels.to(device, non_blocking=True)
@@ -183,8 +184,11 @@ def fit(
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(dim=1) == y).sum()
             seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # queued GPU work belongs to this epoch's training time
+        train_seconds = max(time.perf_counter() - train_started, 1e-9)
         train_loss, train_correct, train_seen, images_per_s = _reduce_sums(
-            [loss_sum.item(), correct.item(), float(seen), seen / max(meter.total_seconds, 1e-9)], device
+            [loss_sum.item(), correct.item(), float(seen), seen / train_seconds], device
         )
         val = evaluate(model, val_loader, device=device, cfg=train_cfg)
         metrics = {
@@ -195,7 +199,7 @@ def fit(
             "val/top1": val.top1,
             "val/top5": val.top5,
             "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
-            "system/data_wait": meter.wait_fraction,
+            "system/data_wait": meter.wait_seconds / train_seconds,
             "system/epoch_s": time.perf_counter() - started,
         }
         if not math.isfinite(metrics["train/loss"]):
