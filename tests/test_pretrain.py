@@ -131,6 +131,7 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_pretrain_man
         "model.arch",
         "model.params",
         "model.macs",
+        "model.flops",
         "version.torch",
         "version.ray",
         "version.mlflow",

@@ -205,6 +205,7 @@ def run_tags(manifest_url: str, *, manifest_digest: str, arch: str, params: int,
         "model.arch": arch,
         "model.params": str(params),
         "model.macs": str(macs),
+        "model.flops": str(2 * macs),  # one multiply-add = 2 FLOPs (torchvision's "GFLOPS" are MACs)
     }
     tags.update({f"version.{package}": version for package, version in package_versions().items()})
     return tags
