@@ -195,7 +195,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
-        return dict(value)
+        _key_tp, value_tp = typing.get_args(tp) or (str, Any)
+        return {key: _coerce(item, value_tp, f"{name}.{key}") for key, item in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -221,6 +222,28 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise AssertionError(f"unsupported annotation {tp!r} for {name}")
 
 
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _with_field_default(cls: type, key: str, value: Any) -> Any:
+    """A partial mapping for a section whose default is not the section class's own defaults (e.g. a
+    log-uniform weight_decay space) changes that default, instead of starting from the class defaults."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+    if not isinstance(value, dict) or spec is None or spec.default_factory is dataclasses.MISSING:
+        return value
+    default = spec.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return deep_merge(dataclasses.asdict(default), value)
+
+
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -231,7 +254,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"{dotted}: unknown key{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        kwargs[key] = _coerce(_with_field_default(cls, key, value), hints[key], dotted)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field without default
@@ -240,8 +263,8 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         # A section checks itself under its usual name ("early_stopping.patience"); when it sits deeper in
         # the tree, name the field by its full dotted path ("train.early_stopping.patience").
         name, _, message = str(err).partition(": ")
-        if prefix and not name.startswith(prefix) and "." in name:
-            raise ConfigError(f"{prefix}.{name.rsplit('.', 1)[1]}: {message}") from None
+        if prefix and not name.startswith(prefix):
+            raise ConfigError(f"{prefix}.{name.rsplit('.', 1)[-1]}: {message}") from None
         raise
 
 
@@ -595,3 +618,146 @@ class PretrainConfig:
             "optim.warmup_epochs",
             f"must be smaller than train.epochs ({self.train.epochs}), got {self.optim.warmup_epochs}",
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hyperparameter and scaling search (jobs/tune.py)
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """One searched value: a distribution, or a list of choices."""
+
+    type: Literal["loguniform", "uniform", "choice", "fixed"] = "uniform"
+    """loguniform/uniform in [low, high]; choice among values; fixed = values[0] in every trial."""
+    low: float = 0.0
+    """Lower bound (loguniform/uniform)."""
+    high: float = 1.0
+    """Upper bound (loguniform/uniform)."""
+    values: list[Any] = field(default_factory=list)
+    """Candidates of type=choice (or the one value of type=fixed)."""
+
+    def __post_init__(self) -> None:
+        if self.type in ("loguniform", "uniform"):
+            _check(self.low <= self.high, "high", f"must be >= low ({self.low}), got {self.high}")
+            _check(
+                self.type != "loguniform" or self.low > 0, "low", f"loguniform needs low > 0, got {self.low}"
+            )
+        else:
+            _check(bool(self.values), "values", f"type={self.type} needs a non-empty list")
+
+
+@dataclass(frozen=True)
+class ScalingSpace:
+    """How the architecture's scaling is searched (on top of delta and dropout)."""
+
+    mode: Literal["none", "direct", "compound"] = "none"
+    """none: the recipe's model as is; direct: width_mult, depth_mult, resolution; compound: EfficientNet
+    (alpha, beta, gamma) with alpha*beta^2*gamma^2 = target at phi."""
+    width_mult: ParamSpace = field(default_factory=lambda: ParamSpace(type="uniform", low=0.5, high=1.5))
+    """direct mode: channel multiplier (model.scaling.width_mult)."""
+    depth_mult: ParamSpace = field(default_factory=lambda: ParamSpace(type="uniform", low=0.5, high=1.5))
+    """direct mode: layer multiplier (model.scaling.depth_mult; efficientnet_scaled only)."""
+    resolution: ParamSpace = field(default_factory=lambda: ParamSpace(type="choice", values=[160, 192, 224]))
+    """direct mode: input resolution (data.resolution)."""
+    phi: float = 1.0
+    """compound mode: the compound coefficient phi (resources grow ~ target^phi)."""
+    target: float = 2.0
+    """compound mode: the constraint's c in alpha * beta^2 * gamma^2 = c (Tan & Le: 2)."""
+    tolerance: float = 0.01
+    """compound mode: every sampled triple satisfies |alpha beta^2 gamma^2 - c| <= tolerance * c."""
+    max_coefficient: float = 2.0
+    """compound mode: upper bound of each of alpha, beta, gamma (each is >= 1)."""
+    flops_budget_g: float | None = None
+    """Reject candidates whose forward pass exceeds this many GFLOPs (2 x MACs counted by the profiler at the
+    candidate's resolution) before they run; null: no budget."""
+
+    def __post_init__(self) -> None:
+        _check(self.phi >= 0, "space.scaling.phi", f"must be >= 0, got {self.phi}")
+        _check(self.target >= 1, "space.scaling.target", f"must be >= 1, got {self.target}")
+        _check(0 < self.tolerance < 1, "space.scaling.tolerance", f"must be in (0, 1), got {self.tolerance}")
+        _check(
+            self.max_coefficient > 1,
+            "space.scaling.max_coefficient",
+            f"must be > 1, got {self.max_coefficient}",
+        )
+        _check(
+            self.flops_budget_g is None or self.flops_budget_g > 0,
+            "space.scaling.flops_budget_g",
+            f"must be > 0 or null, got {self.flops_budget_g}",
+        )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search varies: delta, dropout, scaling and any other config field."""
+
+    weight_decay: ParamSpace = field(
+        default_factory=lambda: ParamSpace(type="loguniform", low=1e-4, high=1e-2)
+    )
+    """optim.weight_decay (delta); the lecture's range [1e-4, 1e-2], log-uniform."""
+    dropout: ParamSpace = field(default_factory=lambda: ParamSpace(type="uniform", low=0.0, high=0.5))
+    """model.dropout."""
+    scaling: ScalingSpace = field(default_factory=ScalingSpace)
+    """Architecture scaling (none, direct or compound) and the FLOPs budget."""
+    extra: dict[str, ParamSpace] = field(default_factory=dict)
+    """Any other pretrain field by its dotted name, e.g. {optim.lr: {type: loguniform, low: 1e-3, high: 1e-1}}."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How trials are scheduled."""
+
+    metric: Literal["val/top1", "val/top5", "val/loss"] = "val/top1"
+    """Objective reported by every trial each epoch."""
+    mode: Literal["max", "min"] = "max"
+    """max for accuracies, min for the loss."""
+    num_trials: int = 8
+    """Trials to run (candidates are sampled up front with the seed, so a resumed search has the same ones)."""
+    scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
+    """Early-stopping scheduler; none runs every trial to the full budget (the baseline)."""
+    grace_period: int = 1
+    """Epochs every trial runs before a scheduler may stop it."""
+    reduction_factor: int = 3
+    """ASHA/HyperBand: keep the top 1/reduction_factor at each rung."""
+    max_concurrent_trials: int = 1
+    """Trials running at once; each takes scaling.num_workers x scaling.cpus_per_worker CPUs (and GPUs)."""
+    seed: int = 0
+    """Seed of the candidate sampler."""
+    name: str | None = None
+    """Search directory under storage_path and MLflow parent run name; null: tune-<model.name>."""
+    storage_path: str = ".cache/ray_results"
+    """Local directory or s3:// URL holding the Tune experiment and each trial's Train checkpoints."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_trials >= 1, "search.num_trials", f"must be >= 1, got {self.num_trials}")
+        _check(self.grace_period >= 1, "search.grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(
+            self.reduction_factor >= 2,
+            "search.reduction_factor",
+            f"must be >= 2, got {self.reduction_factor}",
+        )
+        _check(
+            self.max_concurrent_trials >= 1,
+            "search.max_concurrent_trials",
+            f"must be >= 1, got {self.max_concurrent_trials}",
+        )
+        _check(
+            self.name is None or (bool(self.name) and "/" not in self.name),
+            "search.name",
+            f"must be a plain directory name without '/', got {self.name!r}",
+        )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A search: ``python jobs/tune.py --config configs/tune/<search>.yaml [key=value ...]``."""
+
+    recipe: str = "configs/pretrain/toy_resnet20.yaml"
+    """The pre-training recipe every trial starts from (path relative to the working directory)."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """Changes to that recipe shared by all trials, as a nested tree (e.g. {train: {epochs: 10}})."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Trials, scheduler, objective."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    """What varies between trials."""

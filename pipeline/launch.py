@@ -56,7 +56,7 @@ class LaunchResult:
 # Driver side
 
 
-def ensure_ray(scaling: ScalingConfig) -> None:
+def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set for ``ray job submit`` entrypoints) or start a private
     local instance (``address="local"``: a bare ``ray.init()`` would join any cluster on the machine).
 
@@ -69,14 +69,15 @@ def ensure_ray(scaling: ScalingConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cpus = os.cpu_count() or 1
-    needed = scaling.num_workers * scaling.cpus_per_worker
+    needed = concurrent * scaling.num_workers * scaling.cpus_per_worker
     if needed > cpus:
+        runs = f"{concurrent} concurrent runs x " if concurrent > 1 else ""
         raise ConfigError(
-            f"scaling.num_workers: {scaling.num_workers} workers x scaling.cpus_per_worker="
+            f"scaling.num_workers: {runs}{scaling.num_workers} workers x scaling.cpus_per_worker="
             f"{scaling.cpus_per_worker} need {needed:g} CPUs, this machine has {cpus}; lower them or submit "
             "to a cluster with `ray job submit`"
         )
-    if scaling.use_gpu and torch.cuda.device_count() < scaling.num_workers:
+    if scaling.use_gpu and torch.cuda.device_count() < concurrent * scaling.num_workers:
         raise ConfigError(
             f"scaling.use_gpu: {scaling.num_workers} GPU workers requested, this machine has "
             f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
@@ -95,10 +96,12 @@ def launch(
     name: str,
     metric: str,
     mode: str,
+    callbacks: list[Any] | None = None,
 ) -> LaunchResult:
     """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` DDP workers and wait for it.
 
     ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
+    ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial.
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -124,6 +127,7 @@ def launch(
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=checkpoint.max_failures),
+            callbacks=callbacks or [],
         ),
     )
     try:

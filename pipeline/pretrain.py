@@ -56,8 +56,8 @@ class PretrainOutcome:
     """A :class:`pipeline.tracking.mlflow_tracker.Registration` when the model was registered."""
 
 
-def validate(cfg: PretrainConfig) -> Validated:
-    """Everything that can be checked without Ray: raises :class:`ConfigError` naming the field."""
+def validate_model(cfg: PretrainConfig) -> str:
+    """The architecture's full name; ConfigError for an unknown name, scaling knob or stochastic depth."""
     from pipeline.models import UnknownModelError, get_spec
 
     try:
@@ -72,6 +72,12 @@ def validate(cfg: PretrainConfig) -> Validated:
         raise ConfigError(
             f"model.stochastic_depth: the {spec.family} family has no stochastic depth; remove it"
         )
+    return arch
+
+
+def validate(cfg: PretrainConfig) -> Validated:
+    """Everything that can be checked without Ray: raises :class:`ConfigError` naming the field."""
+    arch = validate_model(cfg)
     manifests = {}
     for field_name in ("train_manifest", "val_manifest"):
         url = getattr(cfg.data, field_name)
@@ -105,20 +111,35 @@ def absolute_storage(path: str) -> str:
     return path if storage.is_s3(path) else str(Path(path).expanduser().resolve())
 
 
-def _run_exists(storage_path: str, name: str) -> bool:
-    base = storage.join(storage_path, name)
-    return storage.exists(storage.join(base, RUN_MARKER)) or storage.exists(
-        storage.join(base, "checkpoint_manager_snapshot.json")
+def localize(cfg: PretrainConfig) -> PretrainConfig:
+    """Absolute local manifest paths: workers do not run in the driver's directory."""
+    return replace_fields(
+        cfg,
+        data=replace_fields(
+            cfg.data,
+            train_manifest=absolute_storage(cfg.data.train_manifest),
+            val_manifest=absolute_storage(cfg.data.val_manifest),
+        ),
     )
 
 
-def resolve_run_name(storage_path: str, base: str, *, resume: bool) -> str:
+def _run_exists(storage_path: str, name: str, markers: tuple[str, ...]) -> bool:
+    return any(storage.exists(storage.join(storage_path, name, marker)) for marker in markers)
+
+
+def resolve_run_name(
+    storage_path: str,
+    base: str,
+    *,
+    resume: bool,
+    markers: tuple[str, ...] = (RUN_MARKER, "checkpoint_manager_snapshot.json"),
+) -> str:
     """A new run takes the first free name of ``base``, ``base-2``, ``base-3``...; ``resume`` takes the last
     existing one. Names are deterministic (no timestamps) because resuming means reusing the name."""
     existing = []
     for index in range(1, 10_000):
         name = base if index == 1 else f"{base}-{index}"
-        if not _run_exists(storage_path, name):
+        if not _run_exists(storage_path, name, markers):
             break
         existing.append(name)
     if resume:
@@ -246,6 +267,15 @@ def export_model(state: dict[str, Any], cfg: PretrainConfig, validated: Validate
     return directory
 
 
+def load_state(url: str) -> dict[str, Any]:
+    """A checkpoint's :class:`TrainState` dict from a local path or ``s3://`` URL (``weights_only``)."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+
+
 def load_exported(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """``(model with the exported weights, model_config)`` from an export directory or its ``model.pt``."""
     import torch
@@ -295,19 +325,45 @@ def plot_learning_curves(tracking_uri: str, run_id: str, path: Path) -> Path:
     return path
 
 
+def publish_model(
+    state: dict[str, Any], cfg: PretrainConfig, validated: Validated, *, tracker: Any, export_url: str | None
+) -> Any | None:
+    """Export the state's best weights to ``export_url`` (if given) and, when ``tracker`` has a run, log them
+    with a learning-curve plot and register them under ``cfg.tracking.register_as``. Returns the
+    Registration or None. Shared by pre-training and by the search's best trial."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-export-") as scratch:
+        export_dir = export_model(state, cfg, validated, Path(scratch) / EXPORT_DIR)
+        if export_url is not None:
+            storage.makedirs(export_url)
+            for file in sorted(export_dir.iterdir()):
+                storage.put_file(str(file), storage.join(export_url, file.name))
+        if tracker.run_id is None:
+            return None
+        for file in sorted(export_dir.iterdir()):
+            tracker.log_artifact(file, artifact_path=EXPORT_DIR)
+        plot = plot_learning_curves(
+            tracker.tracking_uri, tracker.run_id, Path(scratch) / "learning_curves.png"
+        )
+        tracker.log_artifact(plot, artifact_path="plots")
+        if not cfg.tracking.register_as:
+            return None
+        from pipeline.tracking.mlflow_tracker import register_model
+
+        return register_model(
+            tracker,
+            artifact_path=EXPORT_DIR,
+            name=cfg.tracking.register_as,
+            alias=cfg.tracking.alias,
+            metric=cfg.train.early_stopping.metric,
+            mode=cfg.train.early_stopping.mode,
+        )
+
+
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
     """Validate, track, train on Ray, export, register. Raises ConfigError for bad input (nothing started),
     ``TrackingError`` for an unreachable required server, ``LaunchError`` when training failed."""
     validated = validate(cfg)
-    # Workers do not run in the driver's directory: hand them absolute local paths.
-    cfg = replace_fields(
-        cfg,
-        data=replace_fields(
-            cfg.data,
-            train_manifest=absolute_storage(cfg.data.train_manifest),
-            val_manifest=absolute_storage(cfg.data.val_manifest),
-        ),
-    )
+    cfg = localize(cfg)
     storage_path = absolute_storage(cfg.checkpoint.storage_path)
     run_name = resolve_run_name(
         storage_path, cfg.checkpoint.name or f"pretrain-{cfg.model.name}", resume=resume
@@ -341,31 +397,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcom
             mode=cfg.train.early_stopping.mode,
         )
         state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
-        with tempfile.TemporaryDirectory(prefix="pipeline-export-") as scratch:
-            export_dir = export_model(state, cfg, validated, Path(scratch) / EXPORT_DIR)
-            export_url = storage.join(run_url, EXPORT_DIR)
-            storage.makedirs(export_url)
-            for file in sorted(export_dir.iterdir()):
-                storage.put_file(str(file), storage.join(export_url, file.name))
-            registration = None
-            if tracker.run_id is not None:
-                for file in sorted(export_dir.iterdir()):
-                    tracker.log_artifact(file, artifact_path=EXPORT_DIR)
-                plot = plot_learning_curves(
-                    tracking_uri, tracker.run_id, Path(scratch) / "learning_curves.png"
-                )
-                tracker.log_artifact(plot, artifact_path="plots")
-                if cfg.tracking.register_as:
-                    from pipeline.tracking.mlflow_tracker import register_model
-
-                    registration = register_model(
-                        tracker,
-                        artifact_path=EXPORT_DIR,
-                        name=cfg.tracking.register_as,
-                        alias=cfg.tracking.alias,
-                        metric=cfg.train.early_stopping.metric,
-                        mode=cfg.train.early_stopping.mode,
-                    )
+        export_url = storage.join(run_url, EXPORT_DIR)
+        registration = publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)
         stopper = state["early_stopping"]
         status = "FINISHED"
         return PretrainOutcome(

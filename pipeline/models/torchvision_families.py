@@ -131,6 +131,22 @@ def _build_efficientnet_compound(
     gamma: float,
 ) -> nn.Module:
     depth_mult, width_mult, _ = compound_multipliers(phi=phi, alpha=alpha, beta=beta, gamma=gamma)
+    return _build_efficientnet_scaled(
+        num_classes=num_classes,
+        dropout=dropout,
+        stochastic_depth=stochastic_depth,
+        width_mult=width_mult,
+        depth_mult=depth_mult,
+    )
+
+
+def _build_efficientnet_scaled(
+    *, num_classes: int, dropout: float, stochastic_depth: float, width_mult: float, depth_mult: float
+) -> nn.Module:
+    """EfficientNet-B0's blocks with direct width and depth multipliers (resolution is data.resolution)."""
+    for key, value in (("width_mult", width_mult), ("depth_mult", depth_mult)):
+        if value <= 0:
+            raise ValueError(f"efficientnet_scaled: {key} must be > 0, got {value}")
     setting, last_channel = _efficientnet_conf(
         "efficientnet_b0", width_mult=width_mult, depth_mult=depth_mult
     )
@@ -199,6 +215,19 @@ register(
         scaling={"phi": 0.0, "alpha": 1.2, "beta": 1.1, "gamma": 1.15},
         describe=_describe_compound,
         description="EfficientNet-B0 compound-scaled: depth alpha^phi, width beta^phi, resolution gamma^phi",
+    )
+)
+
+register(
+    ModelSpec(
+        name="efficientnet_scaled",
+        family="efficientnet",
+        resolution=EFFICIENTNET_RESOLUTIONS["b0"],
+        builder=_build_efficientnet_scaled,
+        default_dropout=0.2,
+        stochastic_depth=0.2,
+        scaling={"width_mult": 1.0, "depth_mult": 1.0},
+        description="EfficientNet-B0 with direct width_mult and depth_mult (the search's direct scaling mode)",
     )
 )
 

@@ -406,3 +406,45 @@ def _all_pages(search: Callable[..., Any], *args: Any) -> Iterator[Any]:
         page_token = page.token
         if not page_token:
             return
+
+
+PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow's UI nest a run under another
+
+
+def child_tracker(
+    *, tracking_uri: str, parent_run_id: str, key_tag: str, key: str, run_name: str
+) -> MlflowTracker:
+    """The child run of ``parent_run_id`` tagged ``key_tag=key``: found if it exists (a restarted or resumed
+    trial), else created nested under the parent. One child per key, however often its trial restarts."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{key_tag}` = '{key}'",
+        max_results=2,
+    )
+    if found:
+        return MlflowTracker(
+            tracking_uri=tracking_uri, experiment="", run_name=run_name, run_id=found[0].info.run_id
+        )
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    return MlflowTracker(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        tags={PARENT_TAG: parent_run_id, key_tag: key},
+    )
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    """Every run nested directly under ``parent_run_id``."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return list(
+        _all_pages(
+            lambda ids, page_token=None: client.search_runs(
+                ids, filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", page_token=page_token
+            ),
+            [parent.info.experiment_id],
+        )
+    )

@@ -224,7 +224,8 @@ def fit(
             best_model=best_model,
         )
         if on_epoch_end is not None:
-            on_epoch_end(state, metrics)
+            # early_stop tells a caller (e.g. a search) why the run ended; it is not a tracked metric.
+            on_epoch_end(state, {**metrics, "early_stop": float(stop)})
         if stop:
             stopped_early = True
             break

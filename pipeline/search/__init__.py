@@ -1,0 +1,1 @@
+"""Hyperparameter and scaling search: space sampling (no Ray), the Ray Tune adapter, the driver."""

@@ -1,0 +1,332 @@
+"""The search job's driver: validate and sample, open the MLflow parent run, run the trials on Ray Tune,
+then settle every trial's status, summarize, write the best config and register the best model.
+
+Statuses are set here, on the driver side, after ``Tuner.fit()``: a trial stopped by the scheduler has its
+processes killed, so it cannot close its own MLflow run. Each child run ends FINISHED with a ``stop_reason``
+tag (``completed``, ``early_stopping``, ``scheduler:asha`` ...) or FAILED with ``stop_reason=error``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import (
+    ConfigError,
+    PretrainConfig,
+    TuneConfig,
+    deep_merge,
+    dump_yaml,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
+from pipeline.data import storage
+from pipeline.pretrain import (
+    absolute_storage,
+    localize,
+    publish_model,
+    resolve_run_name,
+    validate,
+    validate_model,
+)
+from pipeline.search.space import Candidates, apply_overrides, sample_candidates
+
+SEARCH_MARKER = "pipeline_search.json"
+BEST_CONFIG = "best_config.yaml"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    index: int
+    overrides: dict[str, Any]
+    epochs: int
+    best: float | None
+    """Best objective over the trial's epochs (by the search's mode)."""
+    stop_reason: str
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    name: str
+    search_url: str
+    trials: list[TrialSummary]
+    best_index: int
+    best_objective: float
+    best_config_path: str
+    epochs_used: int
+    epochs_budget: int
+    rejected: int
+    parent_run_id: str | None
+    tracking_uri: str | None
+    registration: Any | None
+
+
+def base_config(cfg: TuneConfig) -> PretrainConfig:
+    """The recipe with the search's shared changes (``pretrain:``) applied and validated."""
+    return from_dict(PretrainConfig, deep_merge(read_yaml(cfg.recipe), cfg.pretrain))
+
+
+def _objective_best(values: list[float], mode: str) -> float | None:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return None
+    return max(finite) if mode == "max" else min(finite)
+
+
+def _stop_reason(trial, *, max_epochs: int, scheduler: str) -> str:
+    if trial.error is not None:
+        return "error"
+    epochs = len(trial.history)
+    if epochs >= max_epochs:
+        return "completed"
+    if trial.last.get("early_stop"):
+        return "early_stopping"
+    return f"scheduler:{scheduler}" if scheduler != "none" else "interrupted"
+
+
+def _trials_csv(trials: list[TrialSummary], keys: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", *keys, "epochs", "best", "stop_reason"])
+    for t in trials:
+        writer.writerow([t.index, *(t.overrides.get(k) for k in keys), t.epochs, t.best, t.stop_reason])
+    return buffer.getvalue()
+
+
+def _trials_markdown(trials: list[TrialSummary], keys: list[str], metric: str) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| trial | " + " | ".join(keys) + f" | epochs | best {metric} | stop reason |",
+        "|" + "---|" * (len(keys) + 4),
+    ]
+    for t in trials:
+        values = " | ".join(cell(t.overrides.get(k)) for k in keys)
+        best = "n/a" if t.best is None else f"{t.best:.4f}"
+        lines.append(f"| {t.index} | {values} | {t.epochs} | {best} | {t.stop_reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(results, metric: str, path: Path, *, best_index: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for trial in results:
+        if not trial.history:
+            continue
+        epochs, values = zip(*trial.history, strict=True)
+        style = {"linewidth": 2.5, "color": "black"} if trial.index == best_index else {"alpha": 0.7}
+        axis.plot(epochs, values, marker="o", label=f"trial {trial.index}", **style)
+    axis.set_xlabel("epoch (training_iteration)")
+    axis.set_ylabel(metric)
+    axis.set_title("learning curves: early-stopped trials end early")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _checkpoint_url(path: str, storage_path: str) -> str:
+    """Tune reports checkpoint paths in pyarrow form (no scheme for S3)."""
+    if storage.is_s3(storage_path) and not storage.is_s3(path):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
+    """Validate, sample, track, tune, settle, summarize. ConfigError for bad input (before Ray)."""
+    from pipeline.tracking.mlflow_tracker import child_runs, flatten_params, open_tracker
+
+    base = base_config(cfg)
+    validated = validate(base)
+    base = localize(base)
+    max_epochs = base.train.epochs
+    candidates: Candidates = sample_candidates(
+        base,
+        cfg.space,
+        num_trials=cfg.search.num_trials,
+        seed=cfg.search.seed,
+        num_classes=validated.num_classes,
+    )
+    for index, overrides in enumerate(candidates.overrides):
+        try:
+            validate_model(apply_overrides(base, overrides))
+        except ConfigError as error:
+            raise ConfigError(f"space (trial {index}): {error}") from None
+    storage_path = absolute_storage(cfg.search.storage_path)
+    name = resolve_run_name(
+        storage_path,
+        cfg.search.name or f"tune-{base.model.name}",
+        resume=resume,
+        markers=(SEARCH_MARKER, "tuner.pkl"),
+    )
+    search_url = storage.join(storage_path, name)
+    marker_url = storage.join(search_url, SEARCH_MARKER)
+    previous = json.loads(storage.read_bytes(marker_url)) if resume and storage.exists(marker_url) else {}
+    tracker = open_tracker(
+        uri=base.tracking.uri,
+        experiment=base.tracking.experiment,
+        run_name=name,
+        required=base.tracking.required,
+        run_id=previous.get("parent_run_id"),
+    )
+    tracking_uri = getattr(tracker, "tracking_uri", None)
+    if tracker.run_id is not None:
+        tracker.set_tags({"pipeline.job": "tune", "pipeline.search_url": search_url})
+        tracker.log_params(flatten_params({"search": to_dict(cfg.search), "space": to_dict(cfg.space)}))
+        tracker.log_params({"recipe": cfg.recipe, "search.max_epochs": max_epochs})
+        tracker.log_text(dump_yaml(cfg), "config/search.yaml")
+        tracker.log_text(dump_yaml(base), "config/base_pretrain.yaml")
+    storage.makedirs(search_url)
+    storage.write_bytes_atomic(marker_url, json.dumps({"parent_run_id": tracker.run_id}).encode())
+
+    status = "FAILED"
+    try:
+        from pipeline.search.tuner import run_trials
+
+        spec = {
+            "base": to_dict(base),
+            "tracking_uri": tracking_uri,
+            "parent_run_id": tracker.run_id,
+            "train_storage": storage.join(search_url, "trials"),
+        }
+        results = run_trials(
+            spec=spec,
+            candidates=candidates.overrides,
+            search=cfg.search,
+            max_epochs=max_epochs,
+            storage_path=storage_path,
+            name=name,
+            resume=resume,
+            scaling=base.scaling,
+        )
+        children = {}
+        if tracker.run_id is not None:
+            children = {
+                int(r.data.params.get("trial.index", -1)): r for r in child_runs(tracking_uri, tracker.run_id)
+            }
+        summaries = []
+        for trial in results:
+            reason = _stop_reason(trial, max_epochs=max_epochs, scheduler=cfg.search.scheduler)
+            child = children.get(trial.index)
+            summaries.append(
+                TrialSummary(
+                    index=trial.index,
+                    overrides=trial.overrides,
+                    epochs=len(trial.history),
+                    best=_objective_best([v for _, v in trial.history], cfg.search.mode),
+                    stop_reason=reason,
+                    run_id=child.info.run_id if child is not None else None,
+                )
+            )
+            if child is not None:
+                _settle_child(tracking_uri, child.info.run_id, reason, trial.error)
+        scored = [s for s in summaries if s.best is not None]
+        if not scored:
+            raise ConfigError("search: no trial reported the objective; see the trial errors above") from None
+        sign = 1 if cfg.search.mode == "max" else -1
+        best = max(scored, key=lambda s: sign * s.best)
+        best_trial = next(t for t in results if t.index == best.index)
+        best_cfg = apply_overrides(base, best.overrides)
+        best_cfg_text = (
+            f"# Best config of search {name}: trial {best.index}, best {cfg.search.metric} = {best.best:.4f}\n"
+            f"# Use it as is: python jobs/pretrain.py --config <this file>\n" + dump_yaml(best_cfg)
+        )
+        best_config_url = storage.join(search_url, BEST_CONFIG)
+        storage.write_bytes_atomic(best_config_url, best_cfg_text.encode())
+        epochs_used = sum(s.epochs for s in summaries)
+        budget = max_epochs * len(summaries)
+        keys = sorted({k for s in summaries for k in s.overrides})
+        registration = None
+        if tracker.run_id is not None:
+            tracker.log_params({f"best.{k}": v for k, v in flatten_params(best.overrides).items()})
+            tracker.log_metrics(
+                {
+                    "best/objective": best.best,
+                    "best/trial": best.index,
+                    "search/epochs_used": epochs_used,
+                    "search/epochs_budget": budget,
+                    "search/epochs_fraction": epochs_used / budget,
+                    "search/trials": len(summaries),
+                    "search/stopped_early": sum(s.stop_reason.startswith("scheduler") for s in summaries),
+                    "search/failed": sum(s.stop_reason == "error" for s in summaries),
+                    "search/rejected_by_flops": len(candidates.rejected),
+                },
+                step=0,
+            )
+            tracker.log_text(best_cfg_text, BEST_CONFIG)
+            tracker.log_text(_trials_csv(summaries, keys), "trials/trials.csv")
+            tracker.log_text(_trials_markdown(summaries, keys, cfg.search.metric), "trials/trials.md")
+            if candidates.rejected:
+                tracker.log_text(json.dumps(candidates.rejected, indent=2), "trials/rejected_by_flops.json")
+            with tempfile.TemporaryDirectory(prefix="pipeline-search-") as scratch:
+                plot = _plot_curves(
+                    results, cfg.search.metric, Path(scratch) / "learning_curves.png", best_index=best.index
+                )
+                tracker.log_artifact(plot, artifact_path="plots")
+            checkpoint = best_trial.last.get("checkpoint_path")
+            if checkpoint and best.run_id is not None:
+                from pipeline.launch import STATE_FILE
+                from pipeline.pretrain import load_state
+                from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+                state = load_state(storage.join(_checkpoint_url(checkpoint, storage_path), STATE_FILE))
+                child_tracker = MlflowTracker(
+                    tracking_uri=tracking_uri, experiment="", run_name="", run_id=best.run_id
+                )
+                registration = publish_model(
+                    state,
+                    best_cfg,
+                    validated,
+                    tracker=child_tracker,
+                    export_url=storage.join(search_url, "best_model"),
+                )
+                _settle_child(tracking_uri, best.run_id, best.stop_reason, None)
+                tracker.set_tags({"best.run_id": best.run_id})
+        status = "FINISHED"
+        return SearchOutcome(
+            name=name,
+            search_url=search_url,
+            trials=summaries,
+            best_index=best.index,
+            best_objective=best.best,
+            best_config_path=best_config_url,
+            epochs_used=epochs_used,
+            epochs_budget=budget,
+            rejected=len(candidates.rejected),
+            parent_run_id=tracker.run_id,
+            tracking_uri=tracking_uri,
+            registration=registration,
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker.run_id is not None:
+            tracker.close(status=status)
+
+
+def _settle_child(tracking_uri: str, run_id: str, reason: str, error: str | None) -> None:
+    """Final status of a trial's run: FINISHED with its stop reason, or FAILED with the error."""
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+    child = MlflowTracker(tracking_uri=tracking_uri, experiment="", run_name="", run_id=run_id)
+    tags = {"stop_reason": reason}
+    if error:
+        tags["error"] = error[:500]
+    child.set_tags(tags)
+    child.close(status="FAILED" if reason == "error" else "FINISHED")

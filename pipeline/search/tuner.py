@@ -1,0 +1,161 @@
+"""Ray Tune, the only module that imports it: one Tune trial per candidate, each trial a Ray Train DDP run.
+
+The pattern Ray 2.60 recommends for Train inside Tune (facts.md): the Tune trainable is a small *driver*
+function that builds a ``TorchTrainer`` named ``train-<trial id>`` with ``TuneReportCallback`` and calls
+``fit()``; the Train workers' per-epoch ``ray.train.report`` reaches the Tune scheduler through that
+callback, so ASHA / HyperBand / the median rule can stop a trial after any epoch. The driver function asks
+Tune for almost no CPU (``{"cpu": 0.01}``); Tune does not count the Train workers, so the search bounds
+``max_concurrent_trials`` to what the cluster holds.
+
+A deterministic Train run name per trial means a trial restarted after the search driver died resumes from
+its own last epoch checkpoint rather than from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from pipeline.config import PretrainConfig, SearchConfig, from_dict, to_dict
+from pipeline.launch import ensure_ray, launch, pretrain_worker
+from pipeline.search.space import apply_overrides
+
+TRIAL_TAG = "tune.trial_id"
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    index: int
+    trial_id: str
+    overrides: dict[str, Any]
+    history: list[tuple[int, float]]
+    """(epoch, objective) for every epoch the trial reported."""
+    last: dict[str, Any]
+    """The trial's last reported result (Train metrics plus Tune's bookkeeping)."""
+    error: str | None
+
+
+def trial_fn(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    """One trial: apply its candidate to the base config, open its nested MLflow run, train with DDP."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    index, overrides = config["trial"]["index"], config["trial"]["overrides"]
+    cfg = apply_overrides(from_dict(PretrainConfig, spec["base"]), overrides)
+    run_id = None
+    if spec["parent_run_id"]:
+        from pipeline.tracking.mlflow_tracker import child_tracker
+
+        child = child_tracker(
+            tracking_uri=spec["tracking_uri"],
+            parent_run_id=spec["parent_run_id"],
+            key_tag=TRIAL_TAG,
+            key=trial_id,
+            run_name=f"trial-{index:03d}",
+        )
+        child.log_params({"trial.index": index, **overrides})
+        child.set_tags({"stop_reason": "running"})
+        run_id = child.run_id
+    launch(
+        pretrain_worker,
+        loop_config={
+            "config": to_dict(cfg),
+            "tracking_uri": spec["tracking_uri"],
+            "run_id": run_id,
+            "run_name": f"trial-{index:03d}",
+        },
+        scaling=cfg.scaling,
+        checkpoint=cfg.checkpoint,
+        storage_path=spec["train_storage"],
+        name=f"train-{trial_id}",
+        metric=cfg.train.early_stopping.metric,
+        mode=cfg.train.early_stopping.mode,
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def _scheduler(search: SearchConfig, *, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    if search.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
+    if search.scheduler == "hyperband":
+        return HyperBandScheduler(
+            time_attr="training_iteration", max_t=max_epochs, reduction_factor=search.reduction_factor
+        )
+    if search.scheduler == "median":
+        # Counted in epochs: the rule's default time_attr is wall-clock seconds.
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=search.grace_period, min_samples_required=2
+        )
+    return FIFOScheduler()
+
+
+def run_trials(
+    *,
+    spec: dict[str, Any],
+    candidates: list[dict[str, Any]],
+    search: SearchConfig,
+    max_epochs: int,
+    storage_path: str,
+    name: str,
+    resume: bool,
+    scaling: Any,
+) -> list[TrialResult]:
+    """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``."""
+    ensure_ray(scaling, concurrent=search.max_concurrent_trials)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), {"cpu": 0.01})
+    path = f"{storage_path.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        trials = [{"index": index, "overrides": overrides} for index, overrides in enumerate(candidates)]
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                scheduler=_scheduler(search, max_epochs=max_epochs),
+                num_samples=1,
+                max_concurrent_trials=search.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                # Worker failures are retried inside each Train run; a trial that still fails stays failed.
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    results = []
+    for result in grid:
+        trial = result.config["trial"]
+        frame = result.metrics_dataframe
+        history: list[tuple[int, float]] = []
+        if frame is not None and search.metric in frame:
+            history = [
+                (int(epoch), float(value))
+                for epoch, value in zip(frame["training_iteration"], frame[search.metric], strict=True)
+            ]
+        results.append(
+            TrialResult(
+                index=int(trial["index"]),
+                trial_id=str(
+                    (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1]
+                ),
+                overrides=dict(trial["overrides"]),
+                history=history,
+                last=dict(result.metrics or {}),
+                error=None if result.error is None else str(result.error).strip().splitlines()[-1][:500],
+            )
+        )
+    return sorted(results, key=lambda r: r.index)
