@@ -208,10 +208,6 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         digests = replica_digests(unwrap(model))
         report_epoch(state, {**metrics, "param_digests": [d[:16] for d in digests]}, rank=rank)
 
-    resume = restore_checkpoint()
-    if resume is not None and tracker is not None:
-        # Visible in the MLflow UI: where a worker-group restart (or --resume) picked the run up again.
-        tracker.log_metrics({"system/resumed": 1.0}, step=int(resume["epoch"]))
     fit(
         model,
         optimizer=parts.optimizer,
@@ -222,6 +218,6 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         train_cfg=cfg.train,
         device=device,
         tracker=tracker,
-        resume=resume,
+        resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
     )

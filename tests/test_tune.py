@@ -100,7 +100,13 @@ def test_asha_search_killed_and_resumed(tiny_manifests, tmp_path):
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:
-            finished_before_kill = {p.parent.name for p in trials_dir.glob(f"train-*/epoch-{EPOCHS - 1:04d}")}
+            # Finished = Ray Train registered the last epoch's checkpoint (its directory alone may still be
+            # uploading, and the trial would then rerun that epoch).
+            finished_before_kill = {
+                p.parent.name
+                for p in trials_dir.glob("train-*/checkpoint_manager_snapshot.json")
+                if f"epoch-{EPOCHS - 1:04d}" in p.read_text()
+            }
             if finished_before_kill:
                 break
             time.sleep(0.5)

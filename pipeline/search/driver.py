@@ -9,6 +9,7 @@ tag (``completed``, ``early_stopping``, ``scheduler:asha`` ...) or FAILED with `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -220,9 +221,14 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                 int(r.data.params.get("trial.index", -1)): r for r in child_runs(tracking_uri, tracker.run_id)
             }
         summaries = []
-        for trial in results:
-            reason = _stop_reason(trial, max_epochs=max_epochs, scheduler=cfg.search.scheduler)
+        for position, trial in enumerate(results):
             child = children.get(trial.index)
+            if child is not None:
+                # The child run is the record across restarts: Tune misses the results of epochs a killed
+                # trial had already checkpointed, which its restart then does not re-run.
+                history = _child_history(tracking_uri, child.info.run_id, cfg.search.metric)
+                trial = results[position] = dataclasses.replace(trial, history=history or trial.history)
+            reason = _stop_reason(trial, max_epochs=max_epochs, scheduler=cfg.search.scheduler)
             summaries.append(
                 TrialSummary(
                     index=trial.index,
@@ -318,6 +324,12 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
     finally:
         if tracker.run_id is not None:
             tracker.close(status=status)
+
+
+def _child_history(tracking_uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    from pipeline.tracking.mlflow_tracker import metric_history
+
+    return [(step + 1, value) for step, value in metric_history(tracking_uri, run_id, metric)]
 
 
 def _settle_child(tracking_uri: str, run_id: str, reason: str, error: str | None) -> None:

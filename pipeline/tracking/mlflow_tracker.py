@@ -448,3 +448,13 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
             [parent.info.experiment_id],
         )
     )
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of one metric of a run, by step (the first value where a step repeats)."""
+    by_step: dict[int, float] = {}
+    for entry in sorted(
+        MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp
+    ):
+        by_step.setdefault(entry.step, entry.value)
+    return sorted(by_step.items())

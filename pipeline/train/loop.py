@@ -142,6 +142,9 @@ def fit(
         start_epoch, global_step, best_model = state.epoch, state.global_step, state.best_model
     # A run that had already stopped early (e.g. killed while saving its last epoch) must not train on.
     end_epoch = start_epoch if stopper.should_stop else train_cfg.epochs
+    if resume is not None and end_epoch > start_epoch:
+        # Visible in the tracking UI: where a restart (or --resume) picked the run up again with work left.
+        tracker.log_metrics({"system/resumed": 1.0}, step=start_epoch)
     if train_cfg.sanity_val_batches:
         # Local only (no collective): ranks may hold fewer eval batches than asked for.
         evaluate(
