@@ -6,12 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, DataDemoConfig, PretrainConfig, field_docs, load_config
+from pipeline.config import (
+    ConfigError,
+    DataConfig,
+    DataDemoConfig,
+    PretrainConfig,
+    TuneConfig,
+    field_docs,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Each configs/ subdirectory holds recipes of one config type. A new directory must be added here, so that
 # no shipped recipe goes untested.
-RECIPE_TYPES = {"data": DataDemoConfig, "pretrain": PretrainConfig}
+RECIPE_TYPES = {"data": DataDemoConfig, "pretrain": PretrainConfig, "tune": TuneConfig}
 
 
 def test_every_config_directory_has_a_type():

@@ -98,3 +98,20 @@ def test_shipped_searches_load():
     for path in sorted(Path("configs/tune").glob("*.yaml")):
         cfg = load_config(TuneConfig, path)
         assert cfg.search.num_trials >= 1, path
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("search.scheduler=asha2", "search.scheduler: must be one of"),
+        ("search.num_trials=0", "search.num_trials: must be >= 1"),
+        ("space.weight_decay.low=0", "space.weight_decay.low: loguniform needs low > 0"),
+        ("space.scaling.mode=compund", "space.scaling.mode: must be one of"),
+        ("pretrain.optim.weight_decay=2", "optim.weight_decay: must be in [0, 1)"),
+    ],
+)
+def test_tune_job_bad_config_exits_2(override, message, capsys):
+    import jobs.tune
+
+    assert jobs.tune.main(["--config", "configs/tune/toy_asha.yaml", override]) == 2
+    assert message in capsys.readouterr().err
