@@ -96,7 +96,14 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(head, job_id: str, args: list[str]) -> None:
+def _submit(
+    head,
+    job_id: str,
+    args: list[str],
+    *,
+    script: str = "jobs/pretrain.py",
+    config: str = "configs/pretrain/toy_resnet20.yaml",
+) -> None:
     excludes = json.dumps({"excludes": [".venv", ".cache", ".git", "*.egg-info"]})
     deadline = time.monotonic() + 90
     while True:
@@ -116,9 +123,9 @@ def _submit(head, job_id: str, args: list[str]) -> None:
                 "--no-wait",
                 "--",
                 "python",
-                "jobs/pretrain.py",
+                script,
                 "--config",
-                "configs/pretrain/toy_resnet20.yaml",
+                config,
                 *args,
             ],
             env=head["env"],
@@ -210,3 +217,34 @@ def test_job_submit_stop_and_resume(ray_head, toy_pretrain_manifests, tmp_path):
     version = client.get_model_version_by_alias("toy-test", "champion")
     assert version.run_id == run.info.run_id
     assert (run_dir / "model" / "model.pt").is_file()
+
+
+def test_search_job_submit(ray_head, toy_pretrain_manifests, tmp_path):
+    """jobs/tune.py as a Ray job: 2 trials of 1 worker, no scheduler, on the running head node."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_head["address"])
+    args = [
+        f"pretrain.data.train_manifest={toy_pretrain_manifests['train']}",
+        f"pretrain.data.val_manifest={toy_pretrain_manifests['val']}",
+        "pretrain.data.batch_size_per_worker=50",
+        "pretrain.train.epochs=2",
+        f"pretrain.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "pretrain.tracking.register_as=null",
+        "search.num_trials=2",
+        "search.scheduler=none",
+        f"search.storage_path={tmp_path}/ray_results",
+        "search.name=job-search",
+    ]
+    _submit(ray_head, "tune-job", args, script="jobs/tune.py", config="configs/tune/toy_asha.yaml")
+    status = _wait_for(
+        lambda: (s := jobs.get_job_status("tune-job")).is_terminal() and s, 300, "the search job"
+    )
+    logs = jobs.get_job_logs("tune-job")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "=== search job-search: 2 trials ===" in logs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tune-toy").experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the parent and 2 trials
+    assert (tmp_path / "ray_results" / "job-search" / "best_config.yaml").is_file()
