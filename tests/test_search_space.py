@@ -115,3 +115,22 @@ def test_tune_job_bad_config_exits_2(override, message, capsys):
 
     assert jobs.tune.main(["--config", "configs/tune/toy_asha.yaml", override]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "scheduler,expected",
+    [
+        ("asha", "AsyncHyperBandScheduler"),
+        ("hyperband", "HyperBandScheduler"),
+        ("median", "MedianStoppingRule"),
+        ("none", "FIFOScheduler"),
+    ],
+)
+def test_each_scheduler_counts_epochs(scheduler, expected):
+    from pipeline.config import SearchConfig
+    from pipeline.search.tuner import _scheduler
+
+    built = _scheduler(SearchConfig(scheduler=scheduler, grace_period=2), max_epochs=9)
+    assert type(built).__name__ == expected
+    if scheduler != "none":
+        assert built._time_attr == "training_iteration"  # epochs, not the median rule's default seconds
