@@ -206,7 +206,8 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
         # Every epoch: replicas must be bit-identical, or rank 0's checkpoint is not the model that trained.
         digests = replica_digests(unwrap(model))
-        report_epoch(state, {**metrics, "param_digests": [d[:16] for d in digests]}, rank=rank)
+        # A string, not a list: Tune's TensorBoard logger warns about list values.
+        report_epoch(state, {**metrics, "param_digests": ",".join(d[:16] for d in digests)}, rank=rank)
 
     fit(
         model,
