@@ -452,7 +452,7 @@ class OptimConfig:
 class EarlyStoppingConfig:
     """Stop training when a validation metric has not improved for ``patience`` epochs."""
 
-    metric: Literal["val/top1", "val/top5", "val/loss"] = "val/top1"
+    metric: Literal["val/top1", "val/top5", "val/loss", "val/balanced_acc", "val/macro_f1"] = "val/top1"
     """Validation metric watched (the names the training loop logs)."""
     mode: Literal["max", "min"] = "max"
     """max: larger is better (accuracy); min: smaller is better (loss)."""
@@ -708,7 +708,7 @@ class SearchSpace:
 class SearchConfig:
     """How trials are scheduled."""
 
-    metric: Literal["val/top1", "val/top5", "val/loss"] = "val/top1"
+    metric: Literal["val/top1", "val/top5", "val/loss", "val/balanced_acc", "val/macro_f1"] = "val/top1"
     """Objective reported by every trial each epoch."""
     mode: Literal["max", "min"] = "max"
     """max for accuracies, min for the loss."""

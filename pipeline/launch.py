@@ -221,4 +221,5 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         tracker=tracker,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
+        class_names=parts.train_manifest.classes,
     )

@@ -25,11 +25,15 @@ from torch import nn
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.data.loader import DataWait
 from pipeline.data.transforms import normalize
-from pipeline.models.heads import set_train_mode
+from pipeline.models.heads import get_classifier, set_train_mode
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.early_stopping import EarlyStopping, agree
+from pipeline.train.metrics import classification_metrics, confusion_matrix
 from pipeline.train.optim import regularization_loss
 from pipeline.train.state import TrainState, capture_state, restore_state
+
+# Per-class recall/precision are logged up to this many classes (ImageNet's 1000 would be 2000 series).
+PER_CLASS_METRICS_MAX = 50
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,17 @@ class EvalResult:
     top5: float
     count: int
     """Samples evaluated (over all ranks when reduced)."""
+    confusion: torch.Tensor | None = None
+    """``[true, predicted]`` counts (int64, CPU), summed over ranks when reduced."""
+
+    def metrics(self, class_names: list[str] | None = None) -> dict[str, float]:
+        """``val/...`` metrics: loss, top-1/5, balanced accuracy, macro-F1 and (few classes) per-class."""
+        out = {"val/loss": self.loss, "val/top1": self.top1, "val/top5": self.top5}
+        if self.confusion is not None:
+            balanced = classification_metrics(self.confusion, class_names)
+            per_class = self.confusion.shape[0] <= PER_CLASS_METRICS_MAX
+            out.update({f"val/{k}": v for k, v in balanced.items() if per_class or "/" not in k})
+        return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 @dataclass
@@ -91,6 +106,7 @@ def evaluate(
     was_training = net.training
     net.eval()
     loss_sum = correct1 = correct5 = count = 0.0
+    confusion = None
     for index, (images, labels) in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
@@ -103,12 +119,34 @@ def evaluate(
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         count += len(y)
+        batch_confusion = confusion_matrix(top[:, 0], y, logits.shape[1])
+        confusion = batch_confusion if confusion is None else confusion + batch_confusion
     set_train_mode(net, was_training)
     if reduce:
         loss_sum, correct1, correct5, count = _reduce_sums([loss_sum, correct1, correct5, count], device)
+        confusion = _reduce_confusion(confusion, net, device)
     if count == 0:
         raise ValueError("evaluation saw no samples: is the validation manifest empty?")
-    return EvalResult(loss_sum / count, correct1 / count, correct5 / count, int(count))
+    return EvalResult(
+        loss_sum / count,
+        correct1 / count,
+        correct5 / count,
+        int(count),
+        None if confusion is None else confusion.cpu(),
+    )
+
+
+def _reduce_confusion(
+    confusion: torch.Tensor | None, net: nn.Module, device: torch.device
+) -> torch.Tensor | None:
+    """Sum the confusion matrices of all ranks; a rank without eval batches contributes zeros."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return confusion
+    if confusion is None:
+        num_classes = get_classifier(net).out_features
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    dist.all_reduce(confusion)
+    return confusion
 
 
 def fit(
@@ -124,12 +162,18 @@ def fit(
     tracker: Tracker | None = None,
     resume: dict | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    class_weights: torch.Tensor | None = None,
+    class_names: list[str] | None = None,
 ) -> FitResult:
     """Train ``model`` (possibly DDP-wrapped) for up to ``train_cfg.epochs`` epochs.
 
     ``resume`` is a checkpoint dict (``load_checkpoint``): training continues at its epoch with its
     optimizer, scheduler, early-stopping and RNG state. ``on_epoch_end(state, metrics)`` is called on every
-    rank after each epoch with the resumable state, e.g. to report a checkpoint.
+    rank after each epoch with the resumable state, e.g. to report a checkpoint. ``on_epoch_start(epoch)``
+    runs before each epoch, also the first one after a resume, e.g. to freeze or unfreeze the backbone by
+    epoch (fine-tuning stages). ``class_weights`` weight the training loss per class (imbalanced data; the
+    validation loss stays unweighted); ``class_names`` name the per-class validation metrics.
     """
     tracker = tracker or NullTracker()
     net = unwrap(model)
@@ -160,8 +204,11 @@ def fit(
     stopped_early = False
     watched = train_cfg.early_stopping.metric
     state = None
+    weight = None if class_weights is None else class_weights.to(device)
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         set_train_mode(model)
         train_loader.set_epoch(epoch)
         meter = DataWait()
@@ -174,7 +221,7 @@ def fit(
             y = labels.to(device, non_blocking=True)
             with _autocast(device, train_cfg):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=optim_cfg.label_smoothing)
+                loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=optim_cfg.label_smoothing)
             total = loss + regularization_loss(net, optim_cfg)  # the L2 mode's delta/2 ||w||^2, else 0
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -198,9 +245,7 @@ def fit(
             "train/loss": train_loss / train_seen,
             "train/top1": train_correct / train_seen,
             "train/lr": optimizer.param_groups[0]["lr"],
-            "val/loss": val.loss,
-            "val/top1": val.top1,
-            "val/top5": val.top5,
+            **val.metrics(class_names),
             "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
             "system/data_wait": meter.wait_seconds / train_seconds,
             "system/epoch_s": time.perf_counter() - started,

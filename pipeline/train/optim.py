@@ -34,7 +34,9 @@ def scaled_lr(cfg: OptimConfig, *, global_batch_size: int) -> float:
     return cfg.lr * global_batch_size / cfg.reference_batch_size
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, global_batch_size: int) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, *, global_batch_size: int, backbone_lr_factor: float = 1.0
+) -> torch.optim.Optimizer:
     """The optimizer over ``model``'s trainable parameters, with no decay on biases and normalization params.
 
     Groups are those of :func:`pipeline.models.heads.param_groups` (head/backbone x decay/no-decay, each with
@@ -43,7 +45,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, global_batch_size: in
     """
     lr = scaled_lr(cfg, global_batch_size=global_batch_size)
     optimizer_decay = cfg.weight_decay if cfg.regularization == "weight_decay" else 0.0
-    groups = param_groups(model, lr_head=lr, lr_backbone=lr, weight_decay=optimizer_decay)
+    # backbone_lr_factor < 1: discriminative fine-tuning (pre-trained features move slower than the new head).
+    groups = param_groups(
+        model, lr_head=lr, lr_backbone=lr * backbone_lr_factor, weight_decay=optimizer_decay
+    )
     if cfg.name == "sgd":
         # SGD's weight_decay adds delta*w to the gradient: for SGD, "weight decay" and L2 are the same thing.
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
