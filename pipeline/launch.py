@@ -15,6 +15,7 @@ What Ray Train provides here and is not re-implemented:
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,10 +28,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipeline.config import CheckpointConfig, ConfigError, PretrainConfig, ScalingConfig, from_dict
+from pipeline.config import (
+    CheckpointConfig,
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    ScalingConfig,
+    from_dict,
+    replace_fields,
+)
 from pipeline.errors import PipelineError
 from pipeline.train.build import build_run, replica_digests
-from pipeline.train.loop import fit, unwrap
+from pipeline.train.loop import PER_CLASS_METRICS_MAX, evaluate, fit, unwrap
 from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
 
 STATE_FILE = "state.pt"
@@ -180,15 +189,28 @@ def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> No
 
 
 def pretrain_worker(loop_config: dict[str, Any]) -> None:
-    """One DDP rank of a pre-training run: ``loop_config`` = {config, tracking_uri, run_id}."""
+    """One DDP rank of a pre-training or fine-tuning run (the same loop): ``loop_config`` = {config,
+    tracking_uri, run_id, run_name} plus, for fine-tuning, kind="finetune" and the source weights."""
     os.environ.update(_WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
-    cfg = from_dict(PretrainConfig, loop_config["config"])
+    config_type = FinetuneConfig if loop_config.get("kind") == "finetune" else PretrainConfig
+    cfg = from_dict(config_type, loop_config["config"])
+    if cfg.data.multiprocessing_context == "fork" and cfg.data.loader_workers > 0:
+        # A Ray actor runs gRPC and gloo threads; forking it can leave a DataLoader worker deadlocked on a
+        # lock some thread held at fork time (seen here: rank 1's loader child hung, rank 0 waited forever).
+        cfg = replace_fields(cfg, data=replace_fields(cfg.data, multiprocessing_context="forkserver"))
+        # The fork server (a fresh, thread-free process) imports torch and the loader once; every epoch's
+        # loader workers fork from it instead of importing torch again.
+        multiprocessing.set_forkserver_preload(["pipeline.data.loader"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    parts = build_run(cfg, rank=rank, world_size=world_size, device=device)
-    model = ray.train.torch.prepare_model(parts.model, move_to_device=False)
+    parts = build_run(cfg, rank=rank, world_size=world_size, device=device, source=loop_config.get("source"))
+    model = ray.train.torch.prepare_model(
+        parts.model,
+        move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": True} if parts.find_unused_parameters else None,
+    )
     if cfg.train.compile:
         model = torch.compile(model)
     tracker = None
@@ -221,5 +243,25 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         tracker=tracker,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
+        on_epoch_start=parts.on_epoch_start,
+        class_weights=parts.class_weights,
         class_names=parts.train_manifest.classes,
     )
+    # The restored best weights once more over the whole validation set (every rank: it is a collective),
+    # for the confusion-matrix figure of the model that gets registered.
+    final = evaluate(model, parts.val_loader, device=device, cfg=cfg.train)
+    if (
+        tracker is not None
+        and final.confusion is not None
+        and final.confusion.shape[0] <= PER_CLASS_METRICS_MAX
+    ):
+        from pipeline.train.metrics import plot_confusion_matrix
+
+        with tempfile.TemporaryDirectory(prefix="pipeline-cm-") as directory:
+            figure = plot_confusion_matrix(
+                final.confusion,
+                parts.train_manifest.classes,
+                Path(directory) / "confusion_matrix.png",
+                title=f"best epoch, balanced accuracy {final.metrics().get('val/balanced_acc', float('nan')):.3f}",
+            )
+            tracker.log_artifact(figure, artifact_path="plots")

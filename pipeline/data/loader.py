@@ -81,6 +81,9 @@ def repeat_factors(manifest: Manifest) -> list[float]:
     return [manifest.num_samples / (present * n) if n > 0 else 0.0 for n in counts]
 
 
+LOADER_TIMEOUT_S = 600
+
+
 def _seed(*parts: int) -> int:
     """A stable integer seed from parts (Python's hash of tuples is salted per process for str, not int,
     but spelling it out keeps the stream identical across Python versions)."""
@@ -273,6 +276,9 @@ class ShardLoader:
                 prefetch_factor=4,
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=False,  # workers are re-forked per epoch and so see the new epoch
+                # A worker that produces nothing for 10 minutes is stuck (a deadlock, a dead mount): raise, so
+                # the run fails and restarts from its checkpoint instead of hanging every rank in a collective.
+                timeout=LOADER_TIMEOUT_S,
             )
         count = 0
         for batch in batches:
