@@ -11,36 +11,19 @@ Exit codes: 0 done; 2 bad config (nothing was started); 1 the search failed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.config import ConfigError, TuneConfig, dump_yaml, load_config
-from pipeline.errors import PipelineError
+from pipeline.cli import run_job
+from pipeline.config import TuneConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="YAML search, e.g. configs/tune/toy_asha.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue the last search of search.name")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. search.num_trials=4")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TuneConfig, args.config, args.overrides)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        from pipeline.search.driver import run_search
+def _run(cfg: TuneConfig, resume: bool):
+    from pipeline.search.driver import run_search  # after validation: bad input never imports Ray
 
-        outcome = run_search(cfg, resume=args.resume)
-    except ConfigError as error:
-        print(f"tune: config error: {error}", file=sys.stderr)
-        return 2
-    except PipelineError as error:
-        print(f"tune: failed: {error}", file=sys.stderr)
-        return 1
+    return run_search(cfg, resume=resume)
+
+
+def _summarize(cfg: TuneConfig, outcome) -> None:
     print(f"\n=== search {outcome.name}: {len(outcome.trials)} trials ===")
     for trial in outcome.trials:
         best = "n/a" if trial.best is None else f"{trial.best:.4f}"
@@ -56,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.registration is not None:
         reg = outcome.registration
         print(f"registered {reg.name} version {reg.version} (alias '{reg.alias}' moved: {reg.alias_moved})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        argv,
+        name="tune",
+        doc=__doc__,
+        config_type=TuneConfig,
+        example="configs/tune/toy_asha.yaml",
+        run=_run,
+        summarize=_summarize,
+    )
 
 
 if __name__ == "__main__":

@@ -761,3 +761,77 @@ class TuneConfig:
     """Trials, scheduler, objective."""
     space: SearchSpace = field(default_factory=SearchSpace)
     """What varies between trials."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fine-tuning (jobs/finetune.py)
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    """Where the pre-trained weights come from and how they are adapted."""
+
+    source: str = ""
+    """models:/name@alias, models:/name/version, runs:/<run id>/model, or a path / s3:// URL of an exported
+    model (model.pt or its directory, e.g. a pre-training run directory); ignored by strategy=scratch."""
+    source_format: Literal["auto", "torchvision"] = "auto"
+    """auto: this pipeline's export (state_dict + model config); torchvision: a plain torchvision state_dict
+    file of model.name (e.g. resnet50-0676ba61.pth downloaded elsewhere), with its own 1000-class head."""
+    strategy: Literal["linear", "full", "two_stage", "scratch"] = "two_stage"
+    """linear: only the new head trains (frozen BatchNorm in eval mode); full: everything; two_stage: the
+    head alone for head_epochs, then everything; scratch: random init, same architecture and budget."""
+    head_epochs: int = 2
+    """two_stage: epochs of stage 1 (head only)."""
+    backbone_lr_factor: float = 0.1
+    """full and two_stage: backbone lr = head lr x this factor (discriminative fine-tuning), in (0, 1]."""
+    class_weights: Literal["none", "inverse", "effective_number"] = "none"
+    """Loss weights from the manifest's class counts: inverse n/(C n_c), or Cui et al.'s effective number."""
+    effective_beta: float = 0.999
+    """beta of class_weights=effective_number, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        _check(self.head_epochs >= 1, "finetune.head_epochs", f"must be >= 1, got {self.head_epochs}")
+        _check(
+            0.0 < self.backbone_lr_factor <= 1.0,
+            "finetune.backbone_lr_factor",
+            f"must be in (0, 1], got {self.backbone_lr_factor}",
+        )
+        _check(
+            0.0 <= self.effective_beta < 1.0,
+            "finetune.effective_beta",
+            f"must be in [0, 1), got {self.effective_beta}",
+        )
+
+
+def _finetune_train_default() -> TrainConfig:
+    return TrainConfig(epochs=10, early_stopping=EarlyStoppingConfig(metric="val/balanced_acc", patience=3))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(PretrainConfig):
+    """A fine-tuning job: the pre-training tree plus ``finetune``; early stopping and model selection watch
+    ``val/balanced_acc`` by default. ``model.name: source`` takes the architecture from the source."""
+
+    train: TrainConfig = field(default_factory=_finetune_train_default)
+    """Epochs (both stages together), early stopping (default metric val/balanced_acc), speed switches."""
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    """Source of the weights, strategy, class imbalance."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.finetune.strategy == "scratch" or bool(self.finetune.source),
+            "finetune.source",
+            "is required (models:/name@alias, runs:/<id>/model, or a path) unless strategy=scratch",
+        )
+        _check(
+            self.finetune.strategy != "two_stage" or self.finetune.head_epochs < self.train.epochs,
+            "finetune.head_epochs",
+            f"must be smaller than train.epochs ({self.train.epochs}) so that stage 2 runs, "
+            f"got {self.finetune.head_epochs}",
+        )
+        _check(
+            self.model.name != "source" or self.finetune.strategy != "scratch",
+            "model.name",
+            "strategy=scratch needs an explicit architecture",
+        )

@@ -175,7 +175,9 @@ def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
     return params
 
 
-def _open_run(cfg: PretrainConfig, validated: Validated, *, run_name: str, run_url: str, run_id: str | None):
+def _open_run(
+    cfg: PretrainConfig, validated: Validated, *, run_name: str, run_url: str, run_id: str | None, kind: str
+):
     """The driver's tracker (a NullTracker when tracking is off or, with required=false, unreachable)."""
     from pipeline.models.profile import count_macs, count_parameters
     from pipeline.tracking.mlflow_tracker import open_tracker, run_tags
@@ -198,7 +200,7 @@ def _open_run(cfg: PretrainConfig, validated: Validated, *, run_name: str, run_u
         params=count_parameters(model),
         macs=count_macs(model, resolution=cfg.data.resolution),
     )
-    tags.update({"pipeline.job": "pretrain", "pipeline.run_url": run_url, "model.family": model.family})
+    tags.update({"pipeline.job": kind, "pipeline.run_url": run_url, "model.family": model.family})
     tracker.set_tags(tags)
     tracker.log_params(_run_params(cfg, validated))
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
@@ -362,18 +364,33 @@ def publish_model(
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
     """Validate, track, train on Ray, export, register. Raises ConfigError for bad input (nothing started),
     ``TrackingError`` for an unreachable required server, ``LaunchError`` when training failed."""
+    return run_training(cfg, resume=resume)
+
+
+def run_training(
+    cfg: PretrainConfig,
+    *,
+    resume: bool = False,
+    kind: str = "pretrain",
+    source: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> PretrainOutcome:
+    """The driver shared by pre-training and fine-tuning (``kind="finetune"``, ``source`` = the exported
+    weights to start from, ``tags`` = lineage): one loop, one launcher, one way to track and publish."""
     validated = validate(cfg)
     cfg = localize(cfg)
     storage_path = absolute_storage(cfg.checkpoint.storage_path)
     run_name = resolve_run_name(
-        storage_path, cfg.checkpoint.name or f"pretrain-{cfg.model.name}", resume=resume
+        storage_path, cfg.checkpoint.name or f"{kind}-{cfg.model.name}", resume=resume
     )
     run_url = storage.join(storage_path, run_name)
     previous = _read_marker(run_url) if resume else {}
     check_resumable(cfg, previous)
     tracker = _open_run(
-        cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id")
+        cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id"), kind=kind
     )
+    if tracker.run_id is not None and tags:
+        tracker.set_tags(tags)
     tracking_uri = getattr(tracker, "tracking_uri", None)
     _write_marker(run_url, tracker.run_id, tracking_uri, cfg)
     status = "FAILED"
@@ -388,6 +405,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcom
                 "tracking_uri": tracking_uri,
                 "run_id": tracker.run_id,
                 "run_name": run_name,
+                "kind": kind,
+                "source": source,
             },
             scaling=cfg.scaling,
             checkpoint=cfg.checkpoint,

@@ -10,6 +10,7 @@ from pipeline.config import (
     ConfigError,
     DataConfig,
     DataDemoConfig,
+    FinetuneConfig,
     PretrainConfig,
     TuneConfig,
     field_docs,
@@ -19,7 +20,12 @@ from pipeline.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Each configs/ subdirectory holds recipes of one config type. A new directory must be added here, so that
 # no shipped recipe goes untested.
-RECIPE_TYPES = {"data": DataDemoConfig, "pretrain": PretrainConfig, "tune": TuneConfig}
+RECIPE_TYPES = {
+    "data": DataDemoConfig,
+    "pretrain": PretrainConfig,
+    "tune": TuneConfig,
+    "finetune": FinetuneConfig,
+}
 
 
 def test_every_config_directory_has_a_type():

@@ -458,3 +458,42 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     ):
         by_step.setdefault(entry.step, entry.value)
     return sorted(by_step.items())
+
+
+def download_model(uri: str, dst: Path, *, tracking_uri: str | None = None) -> tuple[Path, dict[str, str]]:
+    """Download ``models:/name@alias``, ``models:/name/version`` or ``runs:/<id>/<path>`` into ``dst``.
+
+    Returns the local directory and lineage tags (source model name, version and run). A missing model,
+    alias, version or run raises :class:`TrackingError` naming it.
+    """
+    import mlflow.artifacts
+
+    resolved = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(resolved, registry_uri=resolved)
+    try:
+        if uri.startswith("models:/"):
+            reference = uri.removeprefix("models:/")
+            if "@" in reference:
+                name, alias = reference.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = reference.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+            lineage = {
+                "source.model_name": name,
+                "source.model_version": str(version.version),
+                "source.run_id": version.run_id or "",
+            }
+            artifact_uri = version.source
+        elif uri.startswith("runs:/"):
+            lineage = {"source.run_id": uri.removeprefix("runs:/").split("/", 1)[0]}
+            artifact_uri = uri
+        else:
+            raise TrackingError(f"{uri}: not a models:/ or runs:/ URI")
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=resolved, registry_uri=resolved
+        )
+    except MlflowException as error:
+        raise TrackingError(f"{uri} in {redact_uri(resolved)}: {error.message}") from None
+    lineage["source.uri"] = uri
+    return Path(local), lineage

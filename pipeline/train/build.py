@@ -7,16 +7,18 @@ device, then wraps the model for DDP itself. Tests and the benchmark call it in 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import ModelConfig, PretrainConfig
+from pipeline.config import FinetuneConfig, ModelConfig, PretrainConfig
 from pipeline.data.loader import ShardLoader, build_loader
 from pipeline.data.manifest import Manifest, load_manifest
-from pipeline.models import build_model
+from pipeline.models import build_model, freeze_backbone, replace_classifier, unfreeze_backbone
+from pipeline.train.metrics import class_weights
 from pipeline.train.optim import build_optimizer, build_scheduler
 
 
@@ -29,6 +31,12 @@ class RunParts:
     train_loader: ShardLoader
     val_loader: ShardLoader
     train_manifest: Manifest
+    on_epoch_start: Callable[[int], None] | None = None
+    """Fine-tuning stages: freezes or unfreezes the backbone by epoch (so a resumed run is in the right one)."""
+    class_weights: torch.Tensor | None = None
+    """Per-class training-loss weights (fine-tuning on imbalanced data)."""
+    find_unused_parameters: bool = False
+    """DDP must tolerate parameters without gradients: two_stage freezes the backbone after wrapping."""
 
 
 def build_classifier(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
@@ -55,24 +63,75 @@ def model_export_config(cfg: ModelConfig, *, num_classes: int, classes: list[str
     }
 
 
-def build_run(cfg: PretrainConfig, *, rank: int, world_size: int, device: torch.device) -> RunParts:
+def adapt_pretrained(cfg: FinetuneConfig, source: dict | None, *, num_classes: int) -> nn.Module:
+    """The source architecture with the source's weights and a new ``num_classes`` head (random init for
+    strategy=scratch). ``source`` = {"state_dict", "model_config"} as exported by pre-training."""
+    if cfg.finetune.strategy == "scratch":
+        return build_classifier(cfg.model, num_classes=num_classes)
+    assert source is not None, "fine-tuning needs the source weights"
+    model = build_classifier(cfg.model, num_classes=source["model_config"]["num_classes"])
+    model.load_state_dict(source["state_dict"])
+    replace_classifier(model, num_classes)
+    return model
+
+
+def two_stage_hook(model: nn.Module, head_epochs: int) -> Callable[[int], None]:
+    """Stage 1 (epochs < head_epochs): only the head trains and frozen BatchNorm stays in eval mode;
+    stage 2: everything trains (the optimizer already holds the backbone at its lower learning rate)."""
+
+    def on_epoch_start(epoch: int) -> None:
+        if epoch < head_epochs:
+            freeze_backbone(model)
+        else:
+            unfreeze_backbone(model)
+
+    return on_epoch_start
+
+
+def build_run(
+    cfg: PretrainConfig, *, rank: int, world_size: int, device: torch.device, source: dict | None = None
+) -> RunParts:
     """One rank's parts. Seeds torch with ``train.seed`` first, so every rank starts from the same weights
-    (DDP broadcasts rank 0's anyway; this also makes a 1-worker run reproducible)."""
+    (DDP broadcasts rank 0's anyway; this also makes a 1-worker run reproducible). A
+    :class:`FinetuneConfig` starts from ``source`` with a new head, its strategy and class weights."""
     torch.manual_seed(cfg.train.seed)
     train_manifest = load_manifest(cfg.data.train_manifest)
     val_manifest = load_manifest(cfg.data.val_manifest)
     num_classes = cfg.model.num_classes or train_manifest.num_classes
-    model = build_classifier(cfg.model, num_classes=num_classes).to(device)
+    fine = cfg.finetune if isinstance(cfg, FinetuneConfig) else None
+    if fine is None:
+        model = build_classifier(cfg.model, num_classes=num_classes)
+    else:
+        model = adapt_pretrained(cfg, source, num_classes=num_classes)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader = build_loader(train_manifest, cfg.data, train=True, rank=rank, world_size=world_size)
     val_loader = build_loader(val_manifest, cfg.data, train=False, rank=rank, world_size=world_size)
     global_batch = cfg.data.batch_size_per_worker * world_size
-    optimizer = build_optimizer(model, cfg.optim, global_batch_size=global_batch)
+    strategy = fine.strategy if fine is not None else "pretrain"
+    if strategy == "linear":
+        freeze_backbone(model)  # before the optimizer: it only ever holds the head
+    factor = fine.backbone_lr_factor if fine is not None and strategy in ("full", "two_stage") else 1.0
+    optimizer = build_optimizer(model, cfg.optim, global_batch_size=global_batch, backbone_lr_factor=factor)
     scheduler = build_scheduler(
         optimizer, cfg.optim, steps_per_epoch=len(train_loader), epochs=cfg.train.epochs
     )
-    return RunParts(model, optimizer, scheduler, train_loader, val_loader, train_manifest)
+    return RunParts(
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        train_manifest,
+        on_epoch_start=two_stage_hook(model, fine.head_epochs) if strategy == "two_stage" else None,
+        class_weights=(
+            class_weights(train_manifest.counts(), fine.class_weights, beta=fine.effective_beta)
+            if fine is not None
+            else None
+        ),
+        find_unused_parameters=strategy == "two_stage",
+    )
 
 
 def parameter_digest(model: nn.Module) -> str:

@@ -1,0 +1,224 @@
+"""Fine-tuning on the embedded downstream task (4 new classes, imbalanced 10:1, balanced validation), from a
+toy_resnet20 pre-trained on the embedded pretrain task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import FinetuneConfig, PretrainConfig, ShardConfig, ToyConfig, load_config
+
+FINETUNE_RECIPE = "configs/finetune/toy_two_stage.yaml"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Pretrain shards (10 classes, 200/class) and downstream shards (4 classes, 200..20, val 50/class)."""
+    from pipeline.data.prepare import prepare_embedded
+
+    root = tmp_path_factory.mktemp("finetune-toy")
+    cfg = ToyConfig(
+        root=str(root / "raw"),
+        image_size=32,
+        pretrain_train_per_class=200,
+        pretrain_val_per_class=40,
+        downstream_classes=4,
+        downstream_train_max=200,
+        downstream_imbalance=10.0,
+        downstream_val_per_class=50,
+    )
+    prepared = prepare_embedded(cfg, ShardConfig(dest=str(root / "shards"), samples_per_shard=500, workers=1))
+    return prepared.manifests
+
+
+@pytest.fixture(scope="module")
+def pretrained(toy, tmp_path_factory):
+    """toy_resnet20 pre-trained in-process for 4 epochs (the same build_run + fit the Ray workers run), then
+    exported exactly as jobs/pretrain.py exports it."""
+    from pipeline.pretrain import export_model, validate
+    from pipeline.train.build import build_run
+    from pipeline.train.loop import fit
+
+    torch.set_num_threads(2)
+    cfg = load_config(
+        PretrainConfig,
+        "configs/pretrain/toy_resnet20.yaml",
+        [
+            f"data.train_manifest={toy['pretrain']['train']}",
+            f"data.val_manifest={toy['pretrain']['val']}",
+            "data.batch_size_per_worker=50",
+            "data.loader_workers=0",
+            "train.epochs=4",
+            "optim.reference_batch_size=50",
+        ],
+    )
+    parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    result = fit(
+        parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        optim_cfg=cfg.optim,
+        train_cfg=cfg.train,
+        device=torch.device("cpu"),
+    )
+    assert result.best_metric > 0.15, result.history  # above chance (0.10): it learned something to transfer
+    # fit has loaded the best epoch's weights into the model: export those.
+    state = {"model": parts.model.state_dict(), "best_model": None}
+    directory = export_model(state, cfg, validate(cfg), tmp_path_factory.mktemp("export") / "model")
+    return directory
+
+
+def _finetune_cfg(toy, *overrides: str) -> FinetuneConfig:
+    return load_config(
+        FinetuneConfig,
+        FINETUNE_RECIPE,
+        [
+            f"data.train_manifest={toy['downstream']['train']}",
+            f"data.val_manifest={toy['downstream']['val']}",
+            "data.loader_workers=0",
+            "scaling.num_workers=1",
+            *overrides,
+        ],
+    )
+
+
+def _fit_in_process(cfg: FinetuneConfig, source: dict | None):
+    from pipeline.train.build import build_run
+    from pipeline.train.loop import fit
+
+    parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"), source=source)
+    return fit(
+        parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        optim_cfg=cfg.optim,
+        train_cfg=cfg.train,
+        device=torch.device("cpu"),
+        on_epoch_start=parts.on_epoch_start,
+        class_weights=parts.class_weights,
+        class_names=parts.train_manifest.classes,
+    )
+
+
+def test_two_stage_from_pretrained_beats_scratch_on_balanced_accuracy(toy, pretrained):
+    from pipeline.finetune import fetch_source, resolve_architecture
+
+    torch.set_num_threads(2)
+    cfg = _finetune_cfg(
+        toy, f"finetune.source={pretrained}", "train.epochs=6", "train.early_stopping.patience=10"
+    )
+    source = fetch_source(cfg, tracking_uri=None)
+    cfg = resolve_architecture(cfg, source)
+    assert cfg.model.name == "cifar_resnet20"
+    two_stage = _fit_in_process(cfg, source.payload)
+    scratch_cfg = _finetune_cfg(
+        toy,
+        "finetune.strategy=scratch",
+        "model.name=cifar_resnet20",
+        "train.epochs=6",
+        "train.early_stopping.patience=10",
+    )
+    scratch = _fit_in_process(scratch_cfg, None)
+    assert len(two_stage.history) == len(scratch.history) == 6, "the same budget"
+    print("balanced accuracy", two_stage.best_metric, scratch.best_metric)
+    assert two_stage.best_metric > scratch.best_metric, (two_stage.best_metric, scratch.best_metric)
+    for key in ("val/balanced_acc", "val/macro_f1", "val/top1"):
+        assert key in two_stage.history[-1]
+    assert sum(key.startswith("val/recall/") for key in two_stage.history[-1]) == 4
+
+
+@pytest.mark.ray
+def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path):
+    """models:/name@alias against a real MLflow store, 2 DDP workers, two stages: stage 1 leaves the
+    backbone and its BatchNorm statistics bitwise unchanged under DDP too; lineage, metrics, figure, model."""
+    import ray
+    from mlflow import MlflowClient
+
+    from pipeline.finetune import run_finetune
+    from pipeline.pretrain import load_state
+    from pipeline.tracking.mlflow_tracker import MlflowTracker, register_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with MlflowTracker(tracking_uri=uri, experiment="pretrain", run_name="src") as source_run:
+        source_run.log_metrics({"val/top1": 0.3}, step=0)
+        for file in sorted(Path(pretrained).iterdir()):
+            source_run.log_artifact(file, artifact_path="model")
+    register_model(
+        source_run, artifact_path="model", name="toy-src", alias="champion", metric="val/top1", mode="max"
+    )
+
+    cfg = _finetune_cfg(
+        toy,
+        "finetune.source=models:/toy-src@champion",
+        "scaling.num_workers=2",
+        "data.batch_size_per_worker=16",
+        "train.epochs=2",
+        "finetune.head_epochs=1",
+        f"tracking.uri={uri}",
+        "tracking.register_as=toy-down",
+        f"checkpoint.storage_path={tmp_path}/ray_results",
+    )
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        outcome = run_finetune(cfg)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["source.model_name"] == "toy-src" and run.data.tags["source.model_version"] == "1"
+    assert run.data.tags["source.run_id"] == source_run.run_id
+    assert run.data.tags["finetune.strategy"] == "two_stage" and run.data.tags["pipeline.job"] == "finetune"
+    assert run.data.tags["dataset.manifest_url"] == toy["downstream"]["train"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")] == [0, 1]
+    assert any(key.startswith("val/recall/") for key in run.data.metrics)
+    assert "plots/confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert client.get_model_version_by_alias("toy-down", "champion").run_id == run.info.run_id
+    assert len(outcome.final_metrics["param_digests"].split(",")) == 2
+
+    # Stage 1 (epoch 0) under DDP: every backbone tensor, BatchNorm running statistics included, is the source's.
+    source = torch.load(Path(pretrained) / "model.pt", weights_only=True)["state_dict"]
+    after_stage_one = load_state(str(tmp_path / "ray_results" / "toy-finetune" / "epoch-0000" / "state.pt"))[
+        "model"
+    ]
+    backbone = [k for k in source if not k.startswith("fc.") and "num_batches_tracked" not in k]
+    assert any("running_var" in k for k in backbone)
+    assert all(torch.equal(source[k], after_stage_one[k]) for k in backbone)
+    assert not torch.equal(source["fc.weight"][:4], after_stage_one["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.name=cifar_resnet32"], "model.name: 'cifar_resnet32' but the source"),
+        (["finetune.source=/nonexistent/run"], "finetune.source: /nonexistent/run does not exist"),
+        (
+            ["finetune.source=models:/no-such-model@champion"],
+            "finetune.source: models:/no-such-model@champion",
+        ),
+        (["finetune.strategy=two_stage", "finetune.head_epochs=10"], "finetune.head_epochs: must be smaller"),
+    ],
+)
+def test_bad_sources_exit_2_naming_the_field(overrides, message, toy, pretrained, tmp_path, capsys):
+    import jobs.finetune
+
+    argv = [
+        "--config",
+        FINETUNE_RECIPE,
+        f"data.train_manifest={toy['downstream']['train']}",
+        f"data.val_manifest={toy['downstream']['val']}",
+        f"finetune.source={pretrained}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint.storage_path={tmp_path}/ray_results",
+        *overrides,
+    ]
+    assert jobs.finetune.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ray_results").exists()
