@@ -112,9 +112,9 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_pretrain_man
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), f"{key}: each epoch exactly once, got steps {steps}"
     resumed = client.get_metric_history(run.info.run_id, "system/resumed")
-    assert resumed and all(m.step >= 2 for m in resumed), (
-        "the killed worker group restarted from a checkpoint"
-    )
+    # The kill comes ~1 s after epoch 1's checkpoint directory appears; Ray may not have registered that
+    # checkpoint yet, so the group resumes at epoch 1 or 2 - either way from a checkpoint, not from scratch.
+    assert resumed and all(m.step in (1, 2) for m in resumed), [m.step for m in resumed]
 
     val_top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
     # 10 classes: chance is 0.10, and 0.20 is ~6 standard deviations above it on 400 validation images.
@@ -140,7 +140,10 @@ def test_two_worker_ddp_run_survives_a_killed_worker(local_ray, toy_pretrain_man
     assert run.data.tags["model.params"] == "269722"  # ResNet-20 with a 10-class head
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert artifacts == {"model/model.pt", "model/model_config.json"}
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/learning_curves.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/learning_curves.png",
+        "plots/confusion_matrix.png",
+    }
 
     # The exported weights are the best epoch's, load without this repo's pickles, and reproduce its accuracy.
     export = torch.load(Path(outcome.export_url) / "model.pt", map_location="cpu", weights_only=True)
