@@ -200,6 +200,19 @@ def fit(
             reduce=False,
         )
 
+    def snapshot(next_epoch: int) -> TrainState:
+        return capture_state(
+            epoch=next_epoch,
+            global_step=global_step,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            early_stopping=stopper,
+            best_metric=stopper.best_value,
+            tracking_run_id=tracker.run_id,
+            best_model=best_model,
+        )
+
     history: list[dict[str, float]] = []
     stopped_early = False
     watched = train_cfg.early_stopping.metric
@@ -260,17 +273,7 @@ def fit(
         stop = agree(decision.stop)
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
-        state = capture_state(
-            epoch=epoch + 1,
-            global_step=global_step,
-            model=net,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            early_stopping=stopper,
-            best_metric=stopper.best_value,
-            tracking_run_id=tracker.run_id,
-            best_model=best_model,
-        )
+        state = snapshot(epoch + 1)
         if on_epoch_end is not None:
             # early_stop tells a caller (e.g. a search) why the run ended; it is not a tracked metric.
             on_epoch_end(state, {**metrics, "early_stop": float(stop)})
@@ -278,17 +281,7 @@ def fit(
             stopped_early = True
             break
     if state is None:  # resumed after the last epoch: nothing left to run
-        state = capture_state(
-            epoch=start_epoch,
-            global_step=global_step,
-            model=net,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            early_stopping=stopper,
-            best_metric=stopper.best_value,
-            tracking_run_id=tracker.run_id,
-            best_model=best_model,
-        )
+        state = snapshot(start_epoch)
     if best_model is not None:
         net.load_state_dict(best_model)  # the best epoch's weights are what gets saved and registered
     return FitResult(
