@@ -231,7 +231,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         # A string, not a list: Tune's TensorBoard logger warns about list values.
         report_epoch(state, {**metrics, "param_digests": ",".join(d[:16] for d in digests)}, rank=rank)
 
-    fit(
+    result = fit(
         model,
         optimizer=parts.optimizer,
         scheduler=parts.scheduler,
@@ -247,9 +247,10 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         class_weights=parts.class_weights,
         class_names=parts.train_manifest.classes,
     )
-    # The restored best weights once more over the whole validation set (every rank: it is a collective),
-    # for the confusion-matrix figure of the model that gets registered.
-    final = evaluate(model, parts.val_loader, device=device, cfg=cfg.train)
+    # The confusion matrix of the model that gets registered: the best epoch's evaluation, or (best epoch
+    # before a restart) the restored weights once more - on every rank, as it is a collective, and every rank
+    # agrees on whether it is needed because the best epoch is decided on all-reduced metrics.
+    final = result.best_eval or evaluate(model, parts.val_loader, device=device, cfg=cfg.train)
     if (
         tracker is not None
         and final.confusion is not None

@@ -65,6 +65,8 @@ class FitResult:
     stopped_early: bool
     state: TrainState
     """The final state (``epoch`` = epochs completed), best weights already loaded into the model."""
+    best_eval: EvalResult | None = None
+    """The validation result of the best epoch when this call ran it (None when it came before a resume)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -214,6 +216,7 @@ def fit(
         )
 
     history: list[dict[str, float]] = []
+    best_eval: EvalResult | None = None
     stopped_early = False
     watched = train_cfg.early_stopping.metric
     state = None
@@ -270,6 +273,7 @@ def fit(
         decision = stopper.update(metrics[watched], epoch)
         if decision.improved:
             best_model = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            best_eval = val
         stop = agree(decision.stop)
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
@@ -290,6 +294,7 @@ def fit(
         best_metric=stopper.best_value,
         stopped_early=stopped_early,
         state=state,
+        best_eval=best_eval,
     )
 
 
