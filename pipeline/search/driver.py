@@ -13,6 +13,8 @@ import dataclasses
 import io
 import json
 import math
+import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import storage
+from pipeline.data.storage import StorageError
 from pipeline.pretrain import (
     absolute_storage,
     localize,
@@ -141,11 +144,24 @@ def _plot_curves(results, metric: str, path: Path, *, best_index: int) -> Path:
     return path
 
 
-def _checkpoint_url(path: str, storage_path: str) -> str:
-    """Tune reports checkpoint paths in pyarrow form (no scheme for S3)."""
-    if storage.is_s3(storage_path) and not storage.is_s3(path):
-        return "s3://" + path.lstrip("/")
-    return path
+def _latest_state(trial_storage: str) -> str | None:
+    """URL of the newest epoch checkpoint's state file that exists under a trial's Train run, or None.
+
+    Not the trial's last *reported* checkpoint: when the scheduler stops a trial, its workers may finish one
+    more epoch before they are killed, and Ray Train's ``num_to_keep`` (ranked by the score) then deletes the
+    checkpoint Tune last saw. Every state file holds the best weights seen so far, so the newest is the one
+    to publish."""
+    from pipeline.launch import STATE_FILE
+
+    try:
+        names = storage.list_names(trial_storage)
+    except StorageError:
+        return None
+    for name in sorted((n for n in names if re.fullmatch(r"epoch-\d+", n)), reverse=True):
+        url = storage.join(trial_storage, name, STATE_FILE)
+        if storage.exists(url):
+            return url
+    return None
 
 
 def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
@@ -284,13 +300,18 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                     results, cfg.search.metric, Path(scratch) / "learning_curves.png", best_index=best.index
                 )
                 tracker.log_artifact(plot, artifact_path="plots")
-            checkpoint = best_trial.last.get("checkpoint_path")
-            if checkpoint and best.run_id is not None:
-                from pipeline.launch import STATE_FILE
+            state_url = _latest_state(storage.join(spec["train_storage"], f"train-{best_trial.trial_id}"))
+            if state_url is None:
+                print(
+                    f"search: trial {best.index} left no checkpoint under {spec['train_storage']}; "
+                    "its model is not registered (its config is in best_config.yaml)",
+                    file=sys.stderr,
+                )
+            elif best.run_id is not None:
                 from pipeline.pretrain import load_state
                 from pipeline.tracking.mlflow_tracker import MlflowTracker
 
-                state = load_state(storage.join(_checkpoint_url(checkpoint, storage_path), STATE_FILE))
+                state = load_state(state_url)
                 child_tracker = MlflowTracker(
                     tracking_uri=tracking_uri, experiment="", run_name="", run_id=best.run_id
                 )
