@@ -15,7 +15,8 @@ FINETUNE_RECIPE = "configs/finetune/toy_two_stage.yaml"
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """Pretrain shards (10 classes, 200/class) and downstream shards (4 classes, 200..20, val 50/class)."""
+    """Pretrain shards (10 classes, 200/class) and downstream shards (4 classes, 40..4 per class in training:
+    the few-label regime fine-tuning exists for; val 100/class, balanced)."""
     from pipeline.data.prepare import prepare_embedded
 
     root = tmp_path_factory.mktemp("finetune-toy")
@@ -25,9 +26,9 @@ def toy(tmp_path_factory):
         pretrain_train_per_class=200,
         pretrain_val_per_class=40,
         downstream_classes=4,
-        downstream_train_max=200,
+        downstream_train_max=40,
         downstream_imbalance=10.0,
-        downstream_val_per_class=50,
+        downstream_val_per_class=100,
     )
     prepared = prepare_embedded(cfg, ShardConfig(dest=str(root / "shards"), samples_per_shard=500, workers=1))
     return prepared.manifests
@@ -35,8 +36,8 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(toy, tmp_path_factory):
-    """toy_resnet20 pre-trained in-process for 4 epochs (the same build_run + fit the Ray workers run), then
-    exported exactly as jobs/pretrain.py exports it."""
+    """toy_resnet20 pre-trained in-process for 8 epochs (~45 s; the same build_run + fit the Ray workers run),
+    then exported exactly as jobs/pretrain.py exports it."""
     from pipeline.pretrain import export_model, validate
     from pipeline.train.build import build_run
     from pipeline.train.loop import fit
@@ -48,10 +49,9 @@ def pretrained(toy, tmp_path_factory):
         [
             f"data.train_manifest={toy['pretrain']['train']}",
             f"data.val_manifest={toy['pretrain']['val']}",
-            "data.batch_size_per_worker=25",
+            "data.batch_size_per_worker=50",
             "data.loader_workers=0",
-            "train.epochs=6",
-            "optim.reference_batch_size=25",
+            "train.epochs=8",
         ],
     )
     parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"))
@@ -65,7 +65,7 @@ def pretrained(toy, tmp_path_factory):
         train_cfg=cfg.train,
         device=torch.device("cpu"),
     )
-    assert result.best_metric > 0.15, result.history  # above chance (0.10): it learned something to transfer
+    assert result.best_metric > 0.2, result.history  # chance is 0.10: it learned something to transfer
     # fit has loaded the best epoch's weights into the model: export those.
     state = {"model": parts.model.state_dict(), "best_model": None}
     directory = export_model(state, cfg, validate(cfg), tmp_path_factory.mktemp("export") / "model")
@@ -145,6 +145,54 @@ def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path
     assert any("running_var" in k for k in backbone)
     assert all(torch.equal(source[k], after_stage_one[k]) for k in backbone)
     assert not torch.equal(source["fc.weight"][:4], after_stage_one["fc.weight"])
+
+
+def _best_balanced_accuracy(cfg: FinetuneConfig) -> float:
+    """One fine-tuning run in-process: the build_run + fit every Ray worker runs, on one rank."""
+    from pipeline.finetune import fetch_source, resolve_architecture
+    from pipeline.train.build import build_run
+    from pipeline.train.loop import fit
+
+    source = None
+    if cfg.finetune.strategy != "scratch":
+        fetched = fetch_source(cfg, tracking_uri=None)
+        cfg, source = resolve_architecture(cfg, fetched), fetched.payload
+    parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"), source=source)
+    result = fit(
+        parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        optim_cfg=cfg.optim,
+        train_cfg=cfg.train,
+        device=torch.device("cpu"),
+        on_epoch_start=parts.on_epoch_start,
+        class_weights=parts.class_weights,
+    )
+    return result.best_metric
+
+
+def test_two_stage_from_the_pretrained_model_beats_scratch_on_balanced_accuracy(toy, pretrained):
+    """The lecture's fine-tuning claim on the 10:1 imbalanced downstream task with 40..4 labels per class:
+    the same architecture, budget (20 epochs, no early stop) and class weights, two seeds each. Measured
+    (docs/finetuning.md): two_stage 0.38-0.40 vs scratch 0.27-0.31 balanced accuracy on 400 val images."""
+    torch.set_num_threads(2)
+    scores: dict[str, list[float]] = {"two_stage": [], "scratch": []}
+    for strategy in scores:
+        for seed in (0, 1):
+            cfg = _finetune_cfg(
+                toy,
+                f"finetune.source={pretrained}",
+                f"finetune.strategy={strategy}",
+                "model.name=cifar_resnet20",
+                "train.epochs=20",
+                "train.early_stopping.enabled=false",
+                f"train.seed={seed}",
+            )
+            scores[strategy].append(_best_balanced_accuracy(cfg))
+    # Beats it on every seed, by more than the seeds' spread (SE of one score on 400 images is ~0.024).
+    assert min(scores["two_stage"]) > max(scores["scratch"]) + 0.03, scores
 
 
 @pytest.mark.parametrize(
