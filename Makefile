@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench bench-data bench-train bench-tune profile lint clean
+.PHONY: setup test demo demo-local demo-data stack-up stack-down stack-status bench bench-data bench-train bench-tune profile lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,29 @@ test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
+# The main job end to end: local stack, shards into its S3, `ray job submit` of pre-training, a search and a
+# fine-tune, MLflow server. Under 10 min on 2 CPU cores. demo-local: the same jobs without servers.
 demo: setup
 	$(PY) jobs/demo.py
+
+demo-local: setup
+	$(PY) jobs/demo.py --local
+
+demo-data: setup
+	$(PY) jobs/demo.py --data-only
+
+stack-up: setup
+	infra/local/stack-up.sh
+
+stack-down: setup
+	infra/local/stack-down.sh
+
+stack-status: setup
+	$(PY) -m pipeline.stack status
+
+# The lecture's claims as experiments: make exp-degradation, exp-imbalance, ... (configs/experiments/<name>.yaml)
+exp-%: setup
+	$(PY) jobs/experiment.py $*
 
 bench: bench-data bench-train bench-tune profile
 

@@ -1,9 +1,13 @@
-"""The main job, data part: generate the embedded dataset, shard it, stream one epoch, print a summary.
+"""The main job (``make demo``): the whole product end to end on the embedded data, offline, on a laptop CPU.
 
-    python jobs/demo.py [--config configs/data/toy_demo.yaml] [key=value ...]
+    python jobs/demo.py             # local stack: shards into its S3 endpoint, `ray job submit` of pre-training,
+                                    # a Tune search and a fine-tune from the registered model, MLflow server
+    python jobs/demo.py --local     # the same jobs without servers: in-process Ray, sqlite (make demo-local)
+    python jobs/demo.py --data-only [--config configs/data/toy_demo.yaml] [key=value ...]
+                                    # the data part: generate, shard, stream one epoch, print a summary
 
-Runs offline on a laptop CPU in well under a minute. Later stages (pre-training, search, fine-tuning)
-extend this job.
+Each step's output goes to .cache/demo/logs/<step>.log; a failing step says which and where its log is.
+Exit codes: 0 done; 2 bad config; 1 a step failed.
 """
 
 from __future__ import annotations
@@ -22,11 +26,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/data/toy_demo.yaml")
+    parser.add_argument("--local", action="store_true", help="no servers: in-process Ray and sqlite")
+    parser.add_argument("--data-only", action="store_true", help="only the data part")
+    parser.add_argument("--config", default="configs/data/toy_demo.yaml", help="the data part's config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. toy.image_size=32")
     args = parser.parse_args(argv)
+    if args.data_only or args.overrides:
+        return data_demo(args.config, args.overrides)
+    from pipeline.demo import Demo, DemoError, DemoOptions
+
     try:
-        cfg = load_config(DataDemoConfig, args.config, args.overrides)
+        Demo(DemoOptions(local=args.local)).run()
+    except DemoError as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; the stack keeps running (make stack-down stops it)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def data_demo(config: str, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(DataDemoConfig, config, overrides)
     except ConfigError as err:
         print(f"demo: config error: {err}", file=sys.stderr)
         return 2

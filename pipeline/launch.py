@@ -65,11 +65,14 @@ class LaunchResult:
 # Driver side
 
 
-def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1) -> None:
+def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set for ``ray job submit`` entrypoints) or start a private
     local instance (``address="local"``: a bare ``ray.init()`` would join any cluster on the machine).
 
     A local instance must fit the workers, or Ray would wait for resources forever: checked first.
+    ``trial_drivers``: Tune's trial functions each reserve 0.01 CPU next to their Train workers, so N
+    one-CPU workers on N cores would leave the last worker 0.99 CPU short and waiting; the local instance
+    then offers one more logical CPU for those idle driver processes.
     """
     if ray.is_initialized():
         return
@@ -92,7 +95,12 @@ def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1) -> None:
             f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
         )
     # The dashboard (on 127.0.0.1 only) serves the state API that Train's placement-group cleaner polls.
-    ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=cpus + (1 if trial_drivers else 0),
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+    )
 
 
 def launch(
@@ -215,14 +223,18 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         model = torch.compile(model)
     tracker = None
     if rank == 0 and loop_config.get("run_id"):
-        from pipeline.tracking.mlflow_tracker import open_tracker
+        from pipeline.tracking.mlflow_tracker import TolerantTracker, open_tracker, redact_uri
 
-        tracker = open_tracker(
-            uri=loop_config["tracking_uri"],
-            experiment=cfg.tracking.experiment,
-            run_name=loop_config["run_name"],
-            required=cfg.tracking.required,
-            run_id=loop_config["run_id"],
+        # Reachable now (checked by the driver too); if it goes away mid-run, training must not stop.
+        tracker = TolerantTracker(
+            open_tracker(
+                uri=loop_config["tracking_uri"],
+                experiment=cfg.tracking.experiment,
+                run_name=loop_config["run_name"],
+                required=cfg.tracking.required,
+                run_id=loop_config["run_id"],
+            ),
+            where=redact_uri(loop_config["tracking_uri"] or "the default store"),
         )
 
     def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:

@@ -396,6 +396,8 @@ def run_training(
     status = "FAILED"
     try:
         from pipeline.launch import STATE_FILE, launch, pretrain_worker
+        from pipeline.tracking.base import NullTracker
+        from pipeline.tracking.mlflow_tracker import TRACKING_FAILURES, TrackingError, redact_uri
         from pipeline.train.state import load_checkpoint
 
         result = launch(
@@ -417,8 +419,22 @@ def run_training(
         )
         state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
         export_url = storage.join(run_url, EXPORT_DIR)
-        registration = publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)
         stopper = state["early_stopping"]
+        try:
+            # Epochs the workers could not log (server down for a while) are in the state: fill them in.
+            tracker.log_history(state.get("history", []))
+            registration = publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)
+        except TRACKING_FAILURES as error:
+            tracker = NullTracker()  # the run cannot be closed either; its status stays RUNNING
+            publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)  # export only
+            raise TrackingError(
+                f"training finished ({int(state['epoch'])} epochs, best {cfg.train.early_stopping.metric} "
+                f"{stopper['best_value']}) and nothing is lost: checkpoints in {run_url}, the model exported to "
+                f"{export_url}. But MLflow at {redact_uri(tracking_uri or '')} failed "
+                f"({str(error).strip().splitlines()[0][:200]}), so the run's record is incomplete and the "
+                "model is not registered. Once the server is back, run the same command with --resume: it "
+                "trains nothing more, fills in the missing epochs and registers the model."
+            ) from None
         status = "FINISHED"
         return PretrainOutcome(
             run_name=run_name,

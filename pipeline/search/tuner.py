@@ -110,7 +110,7 @@ def run_trials(
     scaling: Any,
 ) -> list[TrialResult]:
     """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``."""
-    ensure_ray(scaling, concurrent=search.max_concurrent_trials)
+    ensure_ray(scaling, concurrent=search.max_concurrent_trials, trial_drivers=True)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), {"cpu": 0.01})
     path = f"{storage_path.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):

@@ -20,6 +20,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, local_path: str, *, artifact_path: str | None = None) -> None: ...
 
+    def log_history(self, history: list[dict[str, float]]) -> int: ...
+
     def close(self, *, status: str = "FINISHED") -> None: ...
 
 
@@ -39,6 +41,9 @@ class NullTracker:
 
     def log_artifact(self, local_path: str, *, artifact_path: str | None = None) -> None:
         pass
+
+    def log_history(self, history: list[dict[str, float]]) -> int:
+        return 0
 
     def close(self, *, status: str = "FINISHED") -> None:
         pass

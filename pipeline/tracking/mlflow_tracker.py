@@ -17,6 +17,7 @@ import importlib.metadata
 import math
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -40,6 +41,17 @@ TRACKED_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset")
 # unreachable server cost minutes (MLflow's own client retries with backoff for ~2 minutes by default).
 HEALTH_TIMEOUT_S = 3.0
 _REPO_DIR = Path(__file__).resolve().parents[2]
+
+
+# MLflow's client retries a failing request 7 times with exponential backoff: ~2 minutes per call to a dead
+# server, per epoch. Fail in seconds instead (a user's own setting wins): the tolerant tracker below keeps
+# training going and a resumed run back-fills what was missed.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+# What a tracking call raises when the server or its store is unreachable (or answers 5xx).
+TRACKING_FAILURES: tuple[type[BaseException], ...] = (MlflowException, OSError)
 
 
 class TrackingError(PipelineError, ValueError):
@@ -124,6 +136,22 @@ class MlflowTracker:
         if entries:
             self._client.log_batch(self._run(), metrics=entries)
 
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> int:
+        """Log the epochs of ``history`` ({"epoch": e, metric: value, ...}) that the run does not hold yet,
+        e.g. those dropped while the server was down; returns how many metric values were added."""
+        keys = {key for entry in history for key in entry if key != "epoch"}
+        stored = {key: {m.step for m in self._client.get_metric_history(self._run(), key)} for key in keys}
+        timestamp = int(time.time() * 1000)
+        missing = [
+            Metric(key, float(value), timestamp, int(entry["epoch"]))
+            for entry in history
+            for key, value in entry.items()
+            if key != "epoch" and int(entry["epoch"]) not in stored[key]
+        ]
+        for start in range(0, len(missing), 1000):  # MLflow's log_batch limit
+            self._client.log_batch(self._run(), metrics=missing[start : start + 1000])
+        return len(missing)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self._run(), text, artifact_file)
 
@@ -150,6 +178,77 @@ class MlflowTracker:
             self.close()
         else:
             self.close(status="KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+class TolerantTracker:
+    """A tracker whose failed calls are dropped instead of raised, so that losing the tracking server
+    mid-run never stops training (checkpoints do not depend on it). The first failure prints one line
+    naming the server and the error; recovery prints another; ``failures`` counts the dropped calls.
+    Epoch metrics dropped here are in the checkpoint's history and re-logged by a resumed run."""
+
+    def __init__(self, inner: Tracker, *, where: str) -> None:
+        self.inner = inner
+        self.where = where
+        self.failures = 0
+        self._down_since: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.inner.run_id
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return getattr(self.inner, "tracking_uri", None)
+
+    def _call(self, what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except TRACKING_FAILURES as error:
+            self.failures += 1
+            if self._down_since is None:
+                self._down_since = what
+                reason = (
+                    str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                )
+                print(
+                    f"tracking: MLflow at {self.where} failed at {what} ({reason}); training goes on and "
+                    "checkpoints are unaffected; records are dropped until it answers again (resume the run "
+                    "later to back-fill the epoch metrics)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        if self._down_since is not None:
+            print(
+                f"tracking: MLflow at {self.where} answers again ({self.failures} calls dropped since "
+                f"{self._down_since})",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._down_since = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call("log_params", lambda: self.inner.log_params(params))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", lambda: self.inner.set_tags(tags))
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        self._call(f"epoch {step}'s metrics", lambda: self.inner.log_metrics(metrics, step=step))
+
+    def log_artifact(self, local_path: str, *, artifact_path: str | None = None) -> None:
+        self._call(
+            f"artifact {Path(local_path).name}",
+            lambda: self.inner.log_artifact(local_path, artifact_path=artifact_path),
+        )
+
+    def log_history(self, history: list[dict[str, float]]) -> int:
+        added: list[int] = []
+        self._call("back-filling epochs", lambda: added.append(self.inner.log_history(history)))
+        return added[0] if added else 0
+
+    def close(self, *, status: str = "FINISHED") -> None:
+        self._call("closing the run", lambda: self.inner.close(status=status))
 
 
 def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:

@@ -181,11 +181,17 @@ def fit(
     net = unwrap(model)
     stopper = EarlyStopping(train_cfg.early_stopping)
     start_epoch, global_step, best_model = 0, 0, None
+    history: list[dict[str, float]] = []  # all epochs, restored ones included (they go into the state)
     if resume is not None:
         state = restore_state(
             resume, model=net, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper
         )
         start_epoch, global_step, best_model = state.epoch, state.global_step, state.best_model
+        history = list(state.history)
+        for entry in history:
+            # Steps the tracker already holds are skipped: this only fills epochs it missed (server down).
+            tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+    restored = len(history)
     # A run that had already stopped early (e.g. killed while saving its last epoch) must not train on.
     end_epoch = start_epoch if stopper.should_stop else train_cfg.epochs
     if resume is not None and end_epoch > start_epoch:
@@ -213,9 +219,9 @@ def fit(
             best_metric=stopper.best_value,
             tracking_run_id=tracker.run_id,
             best_model=best_model,
+            history=history,
         )
 
-    history: list[dict[str, float]] = []
     best_eval: EvalResult | None = None
     stopped_early = False
     watched = train_cfg.early_stopping.metric
@@ -289,7 +295,7 @@ def fit(
     if best_model is not None:
         net.load_state_dict(best_model)  # the best epoch's weights are what gets saved and registered
     return FitResult(
-        history=history,
+        history=history[restored:],
         best_epoch=stopper.best_epoch,
         best_metric=stopper.best_value,
         stopped_early=stopped_early,

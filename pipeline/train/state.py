@@ -55,6 +55,9 @@ class TrainState:
     """Experiment-tracking run to continue logging into, so a resumed run is not a new run."""
     best_model: dict[str, torch.Tensor] | None = None
     """Weights of the best epoch so far, restored at the end of training (survives restarts)."""
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    """Every completed epoch's metrics ({"epoch": e, ...}): a resumed run re-logs the epochs its tracker
+    missed (e.g. while the tracking server was down), so the record is complete once it is back."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -107,6 +110,7 @@ def capture_state(
     best_metric: float | None = None,
     tracking_run_id: str | None = None,
     best_model: dict[str, torch.Tensor] | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> TrainState:
     """Snapshot the live objects and the RNGs (call it at an epoch boundary, ``epoch`` = next epoch).
 
@@ -125,6 +129,7 @@ def capture_state(
         best_metric=best_metric,
         tracking_run_id=tracking_run_id,
         best_model=best_model,
+        history=list(history or []),
     )
 
 
