@@ -47,10 +47,10 @@ class DemoOptions:
     local: bool = False
     state_dir: str = ".cache/stack"
     logs: str = ".cache/demo/logs"
-    pretrain_epochs: int = 14
+    pretrain_epochs: int = 10
     search_trials: int = 4
-    search_epochs: int = 4
-    finetune_epochs: int = 10
+    search_epochs: int = 3
+    finetune_epochs: int = 8
     extra: dict[str, list[str]] = field(default_factory=dict)
     """Extra overrides per step (pretrain, search, finetune), e.g. for a faster test."""
 

@@ -324,8 +324,8 @@ class Stack:
         return bool(record) and bool(_processes_with(record["temp_dir"]))
 
     # ---- public
-    def up(self) -> dict[str, str]:
-        """Start what is not running and healthy; return the URLs."""
+    def up(self, *, with_ray: bool = True) -> dict[str, str]:
+        """Start what is not running and healthy; return the URLs. ``with_ray=False``: S3 and MLflow only."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = self._read()
         services = state["services"]
@@ -336,7 +336,7 @@ class Stack:
         if not (_alive(services.get("mlflow", {})) and self._mlflow_healthy()):
             self._stop_one("mlflow", services.pop("mlflow", None))
             self._start_mlflow(state)
-        if not (self._ray_alive(services.get("ray")) and self._ray_healthy()):
+        if with_ray and not (self._ray_alive(services.get("ray")) and self._ray_healthy()):
             self._stop_one("ray", services.pop("ray", None))
             self._start_ray(state)
         state["config"] = asdict(self.cfg)

@@ -13,11 +13,17 @@ pre-training run's learning curves, and the registered model.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -47,6 +53,9 @@ class View:
     url: str
     must_show: list[str]
     """Texts the rendered page must contain (run names, a model name), or the view is wrong/empty."""
+    click: str = ""
+    """JavaScript run once the page shows them, e.g. expanding the parent run's row."""
+    settle_s: float = 2.0
 
 
 def _api(base: str, path: str, body: dict | None = None, **query) -> dict:
@@ -81,8 +90,10 @@ def demo_views(base: str) -> list[View]:
     views.append(
         View(
             "search_nested_trials",
-            f"{base}/#/experiments/{search_id}",
-            [parent["info"]["run_name"], *[t["info"]["run_name"] for t in trials[:2]]],
+            f"{base}/#/experiments/{search_id}/runs",
+            [parent["info"]["run_name"]],
+            # The parent's row starts collapsed: click its expander to show the nested trials.
+            click="document.querySelector('button[data-component-id$=\"runnamecellrenderer.tsx_46\"]').click()",
         )
     )
     ids = json.dumps([t["info"]["run_id"] for t in trials])
@@ -99,11 +110,19 @@ def demo_views(base: str) -> list[View]:
         View(
             "pretrain_learning_curves",
             f"{base}/#/experiments/{pretrain_id}/runs/{latest['info']['run_id']}/model-metrics",
-            ["val/top1"],
+            [latest["info"]["run_name"]],  # the curves are SVG, their titles are not page text
+            settle_s=5.0,
         )
     )
     views.append(View("registered_model", f"{base}/#/models/toy-resnet20", ["toy-resnet20", "champion"]))
     return views
+
+
+# The UI opens an "MLflow Assistant" side panel that would cover a third of every picture: close it.
+CLOSE_ASSISTANT = (
+    "(() => { const b = document.querySelector('button[data-component-id=\"mlflow.assistant.chat_panel.close\"]');"
+    " if (b) b.click(); })()"
+)
 
 
 def _tags(run: dict) -> dict[str, str]:
@@ -117,44 +136,129 @@ def _chromium() -> str:
     raise UIError("headless Chromium is not installed: `apt-get install chromium` (Debian's package)")
 
 
-def _render(url: str, *, dom: bool, out: Path | None = None, size: str = "1440,900") -> str:
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        cmd = [
-            _chromium(),
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            f"--window-size={size}",
-            "--virtual-time-budget=15000",  # let the single-page app fetch and draw before the capture
-            "--dump-dom" if dom else f"--screenshot={out}",
-            url,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise UIError(f"chromium failed on {url}: {result.stderr.strip()[-500:]}")
-    return result.stdout
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (aiohttp's websocket client, which Ray already
+    installs): the MLflow UI is a single-page app whose nested runs only show after a click."""
+
+    def __init__(self) -> None:
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True)
+        self._process = subprocess.Popen(
+            [
+                _chromium(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1440,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its renderer and GPU helpers go down with it in close()
+        )
+        assert self._process.stderr is not None
+        deadline = time.monotonic() + 30
+        port = None
+        while port is None and time.monotonic() < deadline:
+            line = self._process.stderr.readline()
+            if match := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line):
+                port = int(match.group(1))
+            elif not line and self._process.poll() is not None:
+                break
+        if port is None:
+            self.close()
+            raise UIError("chromium did not start (no DevTools endpoint)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:  # noqa: S310
+            pages = [t for t in json.loads(response.read()) if t["type"] == "page"]
+        self._ws_url = pages[0]["webSocketDebuggerUrl"]
+
+    def close(self) -> None:
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait()
+        self._profile.cleanup()
+
+    def shoot(self, view: View, out: Path | None) -> str:
+        """Open ``view.url``, wait until its page text shows every ``must_show`` (else UIError), run its
+        clicks, and save a PNG to ``out`` (None: check only). Returns the page text."""
+        return asyncio.run(self._shoot(view, out))
+
+    async def _shoot(self, view: View, out: Path | None) -> str:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self._ws_url, max_msg_size=0) as ws:
+            counter = iter(range(1, 1_000_000))
+
+            async def call(method: str, **params):
+                ident = next(counter)
+                await ws.send_json({"id": ident, "method": method, "params": params})
+                async for message in ws:
+                    data = message.json()
+                    if data.get("id") == ident:
+                        if "error" in data:
+                            raise UIError(f"chromium: {method} failed: {data['error']}")
+                        return data.get("result", {})
+                raise UIError("chromium closed the DevTools connection")
+
+            async def text() -> str:
+                result = await call(
+                    "Runtime.evaluate", expression="document.body ? document.body.innerText : ''"
+                )
+                return result.get("result", {}).get("value", "")
+
+            await call("Page.navigate", url=view.url)
+            deadline = time.monotonic() + 45
+            page = ""
+            while time.monotonic() < deadline:
+                page = await text()
+                if all(item in page for item in view.must_show):
+                    break
+                await asyncio.sleep(0.5)
+            missing = [item for item in view.must_show if item not in page]
+            if missing:
+                raise UIError(f"the MLflow UI at {view.url} does not show {missing}: no runs to picture")
+            await call("Runtime.evaluate", expression=CLOSE_ASSISTANT)
+            if view.click:
+                await asyncio.sleep(0.5)
+                await call("Runtime.evaluate", expression=view.click)
+            await asyncio.sleep(view.settle_s)  # charts animate in
+            page = await text()
+            if out is not None:
+                shot = await call("Page.captureScreenshot", format="png")
+                out.write_bytes(base64.b64decode(shot["data"]))
+            return page
 
 
 def check(view: View) -> None:
     """The rendered page contains every text the view must show."""
-    page = _render(view.url, dom=True)
-    missing = [text for text in view.must_show if text not in page]
-    if missing:
-        raise UIError(f"the MLflow UI at {view.url} does not show {missing}: no runs to picture")
+    browser = Browser()
+    try:
+        browser.shoot(view, None)
+    finally:
+        browser.close()
 
 
 def take(views: list[View], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for view in views:
-        check(view)
-        path = out_dir / f"mlflow_{view.name}.png"
-        _render(view.url, dom=False, out=path)
-        written.append(path)
+    browser = Browser()
+    try:
+        for view in views:
+            path = out_dir / f"mlflow_{view.name}.png"
+            browser.shoot(view, path)
+            written.append(path)
+    finally:
+        browser.close()
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mlflow", default="http://127.0.0.1:5055", help="the MLflow server of the stack")
     parser.add_argument("--out", default="docs/images")
     args = parser.parse_args(argv)
