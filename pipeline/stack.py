@@ -107,16 +107,31 @@ def _alive(record: dict[str, Any]) -> bool:
         return False
 
 
-def _processes_with(marker: str) -> list[psutil.Process]:
-    """Processes whose command line mentions ``marker`` (Ray's daemons all name their temp dir)."""
+STACK_MARK = "PIPELINE_STACK_ID"
+"""Set in the environment of every process a stack starts (Ray passes it on to all its daemons, agents and
+workers): what ``down`` looks for. Command lines are not enough: Ray's agents rename themselves
+(``ray::DashboardAgent``) and outlive a killed raylet for a while, holding their ports."""
+
+
+def _marked(stack_id: str, service: str | None = None) -> list[psutil.Process]:
+    """The processes of one stack (``service``: of one of its services), found by their environment."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter():
         try:
-            if any(marker in part for part in process.info["cmdline"] or ()):
-                found.append(process)
+            mark = process.environ().get(STACK_MARK, "")
         except psutil.Error:
             continue
+        owner, _, name = mark.rpartition(":")
+        if owner == stack_id and service in (None, name):
+            found.append(process)
     return found
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def _terminate(processes: list[psutil.Process], timeout_s: float = 15.0) -> None:
@@ -217,7 +232,11 @@ class Stack:
                 f"(or STACK_{flag.removeprefix('--').replace('-', '_').upper()}=... with make)"
             )
 
-    def _env(self) -> dict[str, str]:
+    @property
+    def stack_id(self) -> str:
+        return str(self.state_dir)
+
+    def _env(self, service: str) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
         env.update(
@@ -225,6 +244,7 @@ class Stack:
             MLFLOW_DISABLE_TELEMETRY="true",
             RAY_USAGE_STATS_ENABLED="0",
         )
+        env[STACK_MARK] = f"{self.stack_id}:{service}"
         return env
 
     def _s3_healthy(self) -> bool:
@@ -239,7 +259,7 @@ class Stack:
     def _start_s3(self, state: dict[str, Any]) -> None:
         self._check_port("S3 endpoint", self.cfg.s3_port, "--s3-port")
         record = self._spawn(
-            "s3", [str(_BIN / "moto_server"), "-H", HOST, "-p", str(self.cfg.s3_port)], self._env()
+            "s3", [str(_BIN / "moto_server"), "-H", HOST, "-p", str(self.cfg.s3_port)], self._env("s3")
         )
         state["services"]["s3"] = record
         self._write(state)
@@ -255,7 +275,7 @@ class Stack:
 
     def _start_mlflow(self, state: dict[str, Any]) -> None:
         self._check_port("MLflow", self.cfg.mlflow_port, "--mlflow-port")
-        env = self._env()
+        env = self._env("mlflow")
         # Only the server talks to S3 for artifacts (proxied): clients upload through its REST API.
         env.update(
             DUMMY_S3_ENV,
@@ -288,7 +308,7 @@ class Stack:
         self._check_port("Ray dashboard", self.cfg.dashboard_port, "--dashboard-port")
         # Ray's socket paths are length-limited: a short temp dir, recorded so `down` finds its daemons.
         temp_dir = tempfile.mkdtemp(prefix="pstack-", dir="/tmp")
-        env = self._env()
+        env = self._env("ray")
         env.update(self.cfg.client_env())
         env.pop("RAY_ADDRESS")
         env["RAY_AUTH_MODE"] = "disabled"  # loopback only; a real cluster keeps Ray's token auth
@@ -302,6 +322,8 @@ class Stack:
             f"--dashboard-port={self.cfg.dashboard_port}",
             "--include-dashboard=true",
             f"--ray-client-server-port={free_port()}",
+            # Not Ray's fixed default (52365): a second stack or a test cluster on the machine would collide.
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
             f"--num-cpus={self.cfg.num_cpus if self.cfg.num_cpus is not None else (os.cpu_count() or 1) + 1}",
@@ -320,8 +342,11 @@ class Stack:
             )
         self._wait("ray", self._ray_healthy, None)
 
+    def _ray_processes(self) -> list[psutil.Process]:
+        return _marked(self.stack_id, "ray")
+
     def _ray_alive(self, record: dict[str, Any] | None) -> bool:
-        return bool(record) and bool(_processes_with(record["temp_dir"]))
+        return bool(record) and bool(self._ray_processes())
 
     # ---- public
     def up(self, *, with_ray: bool = True) -> dict[str, str]:
@@ -362,11 +387,10 @@ class Stack:
         if not record:
             return
         if name == "ray":
-            _terminate(_processes_with(record["temp_dir"]))
+            _terminate(self._ray_processes())
             shutil.rmtree(record["temp_dir"], ignore_errors=True)
-        elif _alive(record):
-            process = psutil.Process(record["pid"])
-            _terminate([*process.children(recursive=True), process])
+        else:
+            _terminate(_marked(self.stack_id, name))  # the server and any worker processes it forked
 
     def stop(self, name: str) -> None:
         """Stop one service (the fault tests stop MLflow mid-run); ``up`` starts it again."""
@@ -383,6 +407,7 @@ class Stack:
             if record:
                 self._stop_one(name, record)
                 stopped.append(name)
+        _terminate(_marked(self.stack_id))  # anything of ours still around (e.g. a server's stray child)
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         (self.state_dir / "mlflow.db").unlink(missing_ok=True)
         return stopped

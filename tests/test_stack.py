@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -197,8 +198,9 @@ def test_pretrain_job_on_the_stack_survives_mlflow_going_down(stack, stack_env, 
     _submit(stack, "stack-pretrain", args)
 
     def first_epoch_logged():
-        experiment = _rest(cfg, "experiments/get-by-name", experiment_name="stack-test").get("experiment")
-        if not experiment:
+        try:
+            experiment = _rest(cfg, "experiments/get-by-name", experiment_name="stack-test")["experiment"]
+        except urllib.error.HTTPError:  # 404 until the job's driver has created it
             return None
         runs = _rest_post(cfg, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}).get(
             "runs", []

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class View:
     click: str = ""
     """JavaScript run once the page shows them, e.g. expanding the parent run's row."""
     settle_s: float = 2.0
+    wait_s: float = 45.0
+    """How long the page may take to show ``must_show``."""
 
 
 def _api(base: str, path: str, body: dict | None = None, **query) -> dict:
@@ -65,6 +68,10 @@ def _api(base: str, path: str, body: dict | None = None, **query) -> dict:
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (the user's server)
             return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        if error.code == 404:  # e.g. no such experiment: the caller says what is missing
+            return {}
+        raise UIError(f"MLflow at {base} answered {error.code} to {path}") from None
     except OSError as error:
         raise UIError(f"MLflow at {base} is not reachable ({error}); start it with `make stack-up`") from None
 
@@ -210,7 +217,7 @@ class Browser:
                 return result.get("result", {}).get("value", "")
 
             await call("Page.navigate", url=view.url)
-            deadline = time.monotonic() + 45
+            deadline = time.monotonic() + view.wait_s
             page = ""
             while time.monotonic() < deadline:
                 page = await text()
