@@ -835,3 +835,193 @@ class FinetuneConfig(PretrainConfig):
             "model.name",
             "strategy=scratch needs an explicit architecture",
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The lecture's claims as experiments (jobs/experiment.py)
+
+
+@dataclass(frozen=True)
+class ExperimentDataConfig:
+    """What the arms of an experiment train on: the embedded dataset, generated and sharded once per set of
+    sizes under ``cache_dir``, or the user's own shards (the GPU ``presets``)."""
+
+    source: Literal["embedded", "manifests"] = "embedded"
+    """embedded: the toy sizes below; manifests: train_manifest and val_manifest (e.g. CIFAR-10 shards)."""
+    task: Literal["pretrain", "downstream"] = "pretrain"
+    """Embedded task of the arms: pretrain (10 balanced classes) or downstream (2-5 other shapes, imbalanced
+    training split, balanced validation)."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    """Sizes of the embedded dataset; toy.root is ignored (it lives under cache_dir, keyed by the sizes)."""
+    train_manifest: str = ""
+    """source=manifests: URL of the training split's manifest.json (local path or s3://)."""
+    val_manifest: str = ""
+    """source=manifests: URL of the validation split's manifest.json."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_manifest", "val_manifest"):
+            _check(
+                self.source != "manifests" or bool(getattr(self, name)),
+                f"data.{name}",
+                "is required with data.source=manifests (the manifest of your own shards)",
+            )
+
+
+@dataclass(frozen=True)
+class ExperimentSourceConfig:
+    """The pre-trained model that fine-tuning arms start from."""
+
+    uri: str = ""
+    """A finetune.source (models:/name@alias, runs:/<id>/model, a path); empty: pre-train ``recipe`` in-process
+    on the embedded pretrain task first, cached under cache_dir by its resolved config."""
+    recipe: str = "configs/pretrain/toy_resnet20.yaml"
+    """Pre-training recipe of the in-process source (uri empty)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted changes to that recipe, e.g. {train.epochs: 8, data.batch_size_per_worker: 50}."""
+
+
+@dataclass(frozen=True)
+class ScalingDirection:
+    """How one scaling arm grows per unit of phi (Tan & Le's alpha, beta, gamma): depth_mult x depth^phi,
+    width_mult x width^phi, resolution x resolution^phi from the baseline arm; 1.0 leaves a dimension alone."""
+
+    depth: float = 1.0
+    """alpha: factor of model.scaling.depth_mult per unit of phi."""
+    width: float = 1.0
+    """beta: factor of model.scaling.width_mult per unit of phi."""
+    resolution: float = 1.0
+    """gamma: factor of data.resolution per unit of phi."""
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "width", "resolution"):
+            _check(getattr(self, name) >= 1.0, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(
+            max(self.depth, self.width, self.resolution) > 1.0,
+            "depth",
+            "at least one of depth, width, resolution must be > 1",
+        )
+
+
+@dataclass(frozen=True)
+class FlopsMatchConfig:
+    """Scaling arms at matched FLOPs: for each arm in ``directions`` the smallest grid of phi is searched for
+    the knob values whose MACs (the profiler's count) lie within ``tolerance`` of target_factor x the
+    baseline arm's; an arm that cannot be matched is a ConfigError before anything trains."""
+
+    baseline_arm: str = ""
+    """The arm the others are scaled from (its own knobs are the starting point); empty: no matching."""
+    target_factor: float = 2.0
+    """Target MACs = this x the baseline's (EfficientNet: 2 per unit of phi)."""
+    tolerance: float = 0.10
+    """Relative MACs tolerance of a match (0.10 = +-10%)."""
+    directions: dict[str, ScalingDirection] = field(default_factory=dict)
+    """Arm name -> its direction, e.g. {width: {width: 2.0}, compound: {depth: 1.2, width: 1.1, resolution: 1.15}}."""
+    phi_step: float = 0.02
+    """Grid step of phi."""
+    phi_max: float = 8.0
+    """Largest phi tried."""
+
+    def __post_init__(self) -> None:
+        _check(self.target_factor > 0, "flops_match.target_factor", f"must be > 0, got {self.target_factor}")
+        _check(0 < self.tolerance < 1, "flops_match.tolerance", f"must be in (0, 1), got {self.tolerance}")
+        _check(self.phi_step > 0, "flops_match.phi_step", f"must be > 0, got {self.phi_step}")
+        _check(self.phi_max > 0, "flops_match.phi_max", f"must be > 0, got {self.phi_max}")
+        _check(
+            not self.directions or bool(self.baseline_arm),
+            "flops_match.baseline_arm",
+            "is required when flops_match.directions is set",
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentTrackingConfig:
+    """Where an experiment is recorded: one MLflow parent run, one child run per (arm, seed)."""
+
+    uri: str | None = None
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else the local sqlite store .cache/mlflow/mlflow.db;
+    "none" turns tracking off."""
+    experiment: str = "experiments"
+    """MLflow experiment name (created if missing)."""
+    required: bool = True
+    """true: an unreachable tracking server is an error; false: warn and run untracked."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One claim of the lecture as a rerunnable experiment: ``python jobs/experiment.py <name> [scale=<preset>]
+    [key=value ...]`` reads ``configs/experiments/<name>.yaml``. Every arm is the base recipe plus ``shared``
+    plus the arm's own dotted overrides, trained once per seed in-process (build_run + fit, no Ray)."""
+
+    name: str = ""
+    """Experiment name: the YAML's file name, the MLflow parent run's name and docs/results/<name>.md."""
+    claim: str = ""
+    """The lecture's claim under test, in one sentence."""
+    verdict: str = ""
+    """Name of the verdict function in pipeline.experiments.verdicts; empty: the experiment's name."""
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    """Config type of the arms: PretrainConfig or FinetuneConfig (finetune.strategy, class weights)."""
+    recipe: str = ""
+    """Base recipe of every arm (a YAML under configs/pretrain or configs/finetune)."""
+    data: ExperimentDataConfig = field(default_factory=ExperimentDataConfig)
+    """The data every arm trains on (replaces the recipe's manifests)."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Dotted overrides of the recipe shared by all arms, e.g. {train.epochs: 6, data.batch_size_per_worker: 32}
+    (nested mappings are flattened to dotted keys)."""
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Arm name -> its dotted overrides on top of shared, in the order they run and are reported."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Every arm runs once per seed (train.seed and data.seed); the spread over seeds decides the verdict."""
+    metrics: list[str] = field(default_factory=lambda: ["last/val/top1"])
+    """Summary metrics in the table (last/<epoch metric>, best/<epoch metric>, epochs_run, model/mmacs ...)."""
+    curves: list[str] = field(default_factory=lambda: ["val/top1"])
+    """Per-epoch metrics plotted, one panel each (e.g. train/error, weights/l2_norm, gap/top1)."""
+    eval_train_set: bool = False
+    """Evaluate the training set in eval mode (no augmentation, no dropout) after every epoch: gap/top1."""
+    flops_match: FlopsMatchConfig = field(default_factory=FlopsMatchConfig)
+    """Scaling arms at matched FLOPs (the scaling experiment)."""
+    source: ExperimentSourceConfig = field(default_factory=ExperimentSourceConfig)
+    """The pre-trained model of fine-tuning arms (kind=finetune, strategy other than scratch)."""
+    scale: str = "default"
+    """Preset applied on top of this file (scale=<name> on the command line); default: the embedded data."""
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Name -> changes to this config (a nested tree), e.g. the paper's protocol on GPU nodes and your shards."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the arms train: auto = cuda if available, else cpu."""
+    tracking: ExperimentTrackingConfig = field(default_factory=ExperimentTrackingConfig)
+    """MLflow."""
+    output_dir: str = "docs/results"
+    """Directory of <name>.md and <name>.png (<name>-<scale>.* for a preset)."""
+    cache_dir: str = ".cache/experiments"
+    """Embedded data and in-process sources, each keyed by its config (reused by later runs)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(re.fullmatch(r"[a-z0-9_]+", self.name)),
+            "name",
+            f"must be like degradation, got {self.name!r}",
+        )
+        _check(bool(self.claim), "claim", "states the claim under test in one sentence")
+        _check(bool(self.recipe), "recipe", "names the base recipe, e.g. configs/pretrain/toy_resnet20.yaml")
+        _check(bool(self.arms), "arms", "needs at least one arm: {arm name: {dotted.key: value}}")
+        for arm in self.arms:
+            _check(
+                isinstance(arm, str) and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", arm)),
+                f"arms.{arm}",
+                "arm names are strings of letters, digits, _ . - (quote YAML's off/on/yes/no)",
+            )
+        _check(bool(self.seeds), "seeds", "needs at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"must be distinct, got {self.seeds}")
+        _check(bool(self.metrics), "metrics", "names at least one summary metric for the table")
+        _check(
+            self.scale == "default" or self.scale in self.presets,
+            "scale",
+            f"unknown preset {self.scale!r}; known: {', '.join(['default', *self.presets])}",
+        )
+        if self.flops_match.directions:
+            _check(
+                self.flops_match.baseline_arm in self.arms,
+                "flops_match.baseline_arm",
+                f"{self.flops_match.baseline_arm!r} is not one of the arms ({', '.join(self.arms)})",
+            )
+            for arm in self.flops_match.directions:
+                _check(arm in self.arms, f"flops_match.directions.{arm}", "is not one of the arms")

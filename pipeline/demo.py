@@ -116,7 +116,11 @@ class Demo:
         args = ["python", script, "--config", config, *overrides, *self.options.extra.get(step, [])]
         if self.options.local:
             return self._run(step, [sys.executable, *args[1:]])
-        excludes = json.dumps({"excludes": [".venv", ".cache", ".git", "*.egg-info", "docs"]})
+        runtime_env = {
+            "excludes": [".venv", ".cache", ".git", "*.egg-info", "docs"],
+            # The job's copy of the code has no .git: runs are tagged with the revision it came from.
+            "env_vars": {"PIPELINE_GIT_REVISION": _git_head()},
+        }
         cmd = [
             str(Path(sys.executable).parent / "ray"),
             "job",
@@ -126,7 +130,7 @@ class Demo:
             "--working-dir",
             str(REPO),
             "--runtime-env-json",
-            excludes,
+            json.dumps(runtime_env),
             "--submission-id",
             f"demo-{step}-{int(time.time())}",
             "--",
@@ -260,6 +264,12 @@ class Demo:
             self.echo(f"Ray dashboard: {self.stack_cfg.dashboard_url} (the three jobs under Jobs)")
             self.echo("stop the stack: make stack-down")
         return lines
+
+
+def _git_head() -> str:
+    from pipeline.tracking.mlflow_tracker import git_revision
+
+    return git_revision(REPO)
 
 
 def _grep(text: str, pattern: str) -> str:

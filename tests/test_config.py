@@ -10,6 +10,7 @@ from pipeline.config import (
     ConfigError,
     DataConfig,
     DataDemoConfig,
+    ExperimentConfig,
     FinetuneConfig,
     PretrainConfig,
     TuneConfig,
@@ -25,6 +26,7 @@ RECIPE_TYPES = {
     "pretrain": PretrainConfig,
     "tune": TuneConfig,
     "finetune": FinetuneConfig,
+    "experiments": ExperimentConfig,
 }
 
 

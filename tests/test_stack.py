@@ -1,6 +1,7 @@
 """The real local stack (Ray head + MLflow server + moto S3 endpoint on 127.0.0.1, free ports): lifecycle,
-a ``ray job submit`` of the toy pre-training recipe with shards and checkpoints in the S3 endpoint, and the
-faults users hit: the MLflow server dying mid-run and the S3 endpoint restarting between epochs.
+``ray job submit`` of the toy pre-training recipe with shards and checkpoints in the S3 endpoint, ``ray job
+stop`` then ``--resume``, a Tune search as a Ray job, and the faults users hit: the MLflow server dying
+mid-run and the S3 endpoint restarting between epochs. One module, one Ray head: Ray tests run serially.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import toy_pretrain_overrides
 
 from pipeline.stack import Stack, StackConfig, free_port
 
@@ -119,7 +121,14 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _submit(stack: Stack, job_id: str, args: list[str]) -> None:
+def _submit(
+    stack: Stack,
+    job_id: str,
+    args: list[str],
+    *,
+    script: str = "jobs/pretrain.py",
+    config: str = "configs/pretrain/toy_resnet20.yaml",
+) -> None:
     excludes = json.dumps({"excludes": [".venv", ".cache", ".git", "*.egg-info", "docs"]})
     cmd = [
         str(Path(sys.executable).parent / "ray"),
@@ -136,9 +145,9 @@ def _submit(stack: Stack, job_id: str, args: list[str]) -> None:
         "--no-wait",
         "--",
         "python",
-        "jobs/pretrain.py",
+        script,
         "--config",
-        "configs/pretrain/toy_resnet20.yaml",
+        config,
         *args,
     ]
     deadline = time.monotonic() + 90
@@ -148,6 +157,121 @@ def _submit(stack: Stack, job_id: str, args: list[str]) -> None:
             break
         time.sleep(2.0)  # right after `ray start` the job agent may not be up yet
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+JOB_EPOCHS = 2
+
+
+def test_job_submit_stop_and_resume(stack, toy_pretrain_manifests, tmp_path):
+    """`ray job stop` half-way, then a second submission with `--resume` finishes the same MLflow run."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+    args = [
+        *toy_pretrain_overrides(toy_pretrain_manifests, tmp_path),
+        f"train.epochs={JOB_EPOCHS}",
+        "train.early_stopping.patience=10",
+    ]
+    run_dir = tmp_path / "ray_results" / "toy"
+
+    # 1. Submit, let it checkpoint epoch 0, then stop the whole job (driver and workers).
+    _submit(stack, "pretrain-first", args)
+    _wait_for(
+        lambda: (run_dir / "epoch-0000").exists() or jobs.get_job_status("pretrain-first").is_terminal(),
+        240,
+        "the first epoch's checkpoint",
+    )
+    assert not jobs.get_job_status("pretrain-first").is_terminal(), jobs.get_job_logs("pretrain-first")[
+        -3000:
+    ]
+    stopped = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "stop",
+            "--address",
+            stack.cfg.dashboard_url,
+            "pretrain-first",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert _wait_for(lambda: jobs.get_job_status("pretrain-first").is_terminal(), 60, "the stop")
+    assert jobs.get_job_status("pretrain-first") == JobStatus.STOPPED
+    # The stopped job's training workers are gone, so they hold no CPUs the resumed job needs.
+    _wait_for(
+        lambda: (
+            not any(
+                "RayTrainWorker" in " ".join(p.info["cmdline"] or ())
+                for p in psutil.process_iter(["cmdline"])
+            )
+        ),
+        60,
+        "the old workers to exit",
+    )
+
+    # 2. Resume: same run directory, same MLflow run, remaining epochs only.
+    _submit(stack, "pretrain-resume", [*args, "--resume"])
+    status = _wait_job(jobs, "pretrain-resume", 240)
+    logs = jobs.get_job_logs("pretrain-resume")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "=== pretrain toy:" in logs
+
+    marker = json.loads((run_dir / "pipeline_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("pretrain-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [marker["mlflow_run_id"]], "one MLflow run across stop and resume"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1"))
+    assert steps == list(range(JOB_EPOCHS)), f"each epoch exactly once, got {steps}"
+    resumed = [m.step for m in client.get_metric_history(run.info.run_id, "system/resumed")]
+    assert resumed and min(resumed) >= 1
+    version = client.get_model_version_by_alias("toy-test", "champion")
+    assert version.run_id == run.info.run_id
+    assert (run_dir / "model" / "model.pt").is_file()
+
+
+def test_search_job_submit(stack, toy_pretrain_manifests, tmp_path):
+    """jobs/tune.py as a Ray job: 2 trials of 1 worker, no scheduler, on the running head node."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+    args = [
+        f"pretrain.data.train_manifest={toy_pretrain_manifests['train']}",
+        f"pretrain.data.val_manifest={toy_pretrain_manifests['val']}",
+        "pretrain.data.batch_size_per_worker=50",
+        "pretrain.train.epochs=1",
+        "pretrain.optim.warmup_epochs=0",
+        f"pretrain.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "pretrain.tracking.register_as=null",
+        "search.num_trials=2",
+        "search.scheduler=none",
+        f"search.storage_path={tmp_path}/ray_results",
+        "search.name=job-search",
+    ]
+    _submit(stack, "tune-job", args, script="jobs/tune.py", config="configs/tune/toy_asha.yaml")
+    status = _wait_job(jobs, "tune-job", 300)
+    logs = jobs.get_job_logs("tune-job")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "=== search job-search: 2 trials ===" in logs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tune-toy").experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the parent and 2 trials
+    assert (tmp_path / "ray_results" / "job-search" / "best_config.yaml").is_file()
+
+
+def _wait_job(jobs, job_id: str, timeout_s: float):
+    """The job's final status; on a timeout the assertion carries the tail of the job's log."""
+    try:
+        return _wait_for(lambda: _finished(jobs, job_id), timeout_s, f"job {job_id}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{jobs.get_job_logs(job_id)[-4000:]}") from None
 
 
 def _finished(jobs, job_id: str):
@@ -216,7 +340,7 @@ def test_pretrain_job_on_the_stack_survives_mlflow_going_down(stack, stack_env, 
     assert isinstance(run_id, str), jobs.get_job_logs("stack-pretrain")[-3000:]
     stack.stop("mlflow")
 
-    status = _wait_for(lambda: _finished(jobs, "stack-pretrain"), 300, "the job to end")
+    status = _wait_job(jobs, "stack-pretrain", 300)
     logs = jobs.get_job_logs("stack-pretrain")
     # Training went on to the end; the failure is reported once, clearly, and says nothing is lost.
     assert status == JobStatus.FAILED, logs[-3000:]
@@ -233,7 +357,7 @@ def test_pretrain_job_on_the_stack_survives_mlflow_going_down(stack, stack_env, 
     # 2. MLflow back (stack up restarts only it, same sqlite store), then --resume publishes.
     stack.up()
     _submit(stack, "stack-pretrain-resume", [*args, "--resume"])
-    status = _wait_for(lambda: _finished(jobs, "stack-pretrain-resume"), 300, "the resumed job")
+    status = _wait_job(jobs, "stack-pretrain-resume", 300)
     logs = jobs.get_job_logs("stack-pretrain-resume")
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
 

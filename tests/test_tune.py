@@ -1,4 +1,4 @@
-"""A real search on a real local Ray: 5 trials of 1 DDP worker each under ASHA, the search driver SIGKILLed
+"""A real search on a real local Ray: 4 trials of 1 DDP worker each under ASHA, the search driver SIGKILLed
 mid-way and resumed with --resume. One search carries the assertions because each costs minutes here."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.config import PretrainConfig, ShardConfig, ToyConfig, load_config
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-TRIALS, EPOCHS = 5, 4
+TRIALS, EPOCHS = 4, 3
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_asha_search_killed_and_resumed(tiny_manifests, tmp_path):
     finally:
         _kill_all(_processes_with(ray_tmp))
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert "=== search search: 5 trials ===" in resumed.stdout
+    assert f"=== search search: {TRIALS} trials ===" in resumed.stdout
 
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("tune-test")

@@ -275,14 +275,16 @@ def redact_uri(uri: str) -> str:
 
 
 def git_revision(repo_dir: Path = _REPO_DIR) -> str:
-    """``git rev-parse HEAD`` of ``repo_dir``, or ``"unknown"`` outside a git checkout or without git."""
+    """``git rev-parse HEAD`` of ``repo_dir``; else ``$PIPELINE_GIT_REVISION`` (a ``ray job submit`` working
+    dir is a copy without .git: the submitter passes the revision in the runtime env); else ``"unknown"``."""
+    fallback = os.environ.get("PIPELINE_GIT_REVISION") or "unknown"
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+        return fallback
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else fallback
 
 
 def package_versions(packages: Sequence[str] = TRACKED_PACKAGES) -> dict[str, str]:
