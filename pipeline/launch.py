@@ -38,8 +38,8 @@ from pipeline.config import (
     replace_fields,
 )
 from pipeline.errors import PipelineError
-from pipeline.train.build import build_run, replica_digests
-from pipeline.train.loop import PER_CLASS_METRICS_MAX, evaluate, fit, unwrap
+from pipeline.train.build import build_run, fit_run, replica_digests
+from pipeline.train.loop import PER_CLASS_METRICS_MAX, evaluate, unwrap
 from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
 
 STATE_FILE = "state.pt"
@@ -243,21 +243,14 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         # A string, not a list: Tune's TensorBoard logger warns about list values.
         report_epoch(state, {**metrics, "param_digests": ",".join(d[:16] for d in digests)}, rank=rank)
 
-    result = fit(
-        model,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        optim_cfg=cfg.optim,
-        train_cfg=cfg.train,
+    result = fit_run(
+        parts,
+        cfg,
         device=device,
+        model=model,
         tracker=tracker,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
-        on_epoch_start=parts.on_epoch_start,
-        class_weights=parts.class_weights,
-        class_names=parts.train_manifest.classes,
     )
     # The confusion matrix of the model that gets registered: the best epoch's evaluation, or (best epoch
     # before a restart) the restored weights once more - on every rank, as it is a collective, and every rank

@@ -39,8 +39,7 @@ def pretrained(toy, tmp_path_factory):
     """toy_resnet20 pre-trained in-process for 8 epochs (~45 s; the same build_run + fit the Ray workers run),
     then exported exactly as jobs/pretrain.py exports it."""
     from pipeline.pretrain import export_model, validate
-    from pipeline.train.build import build_run
-    from pipeline.train.loop import fit
+    from pipeline.train.build import build_run, fit_run
 
     torch.set_num_threads(2)
     cfg = load_config(
@@ -55,16 +54,7 @@ def pretrained(toy, tmp_path_factory):
         ],
     )
     parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    result = fit(
-        parts.model,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        optim_cfg=cfg.optim,
-        train_cfg=cfg.train,
-        device=torch.device("cpu"),
-    )
+    result = fit_run(parts, cfg, device=torch.device("cpu"))
     assert result.best_metric > 0.2, result.history  # chance is 0.10: it learned something to transfer
     # fit has loaded the best epoch's weights into the model: export those.
     state = {"model": parts.model.state_dict(), "best_model": None}
@@ -150,26 +140,14 @@ def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path
 def _best_balanced_accuracy(cfg: FinetuneConfig) -> float:
     """One fine-tuning run in-process: the build_run + fit every Ray worker runs, on one rank."""
     from pipeline.finetune import fetch_source, resolve_architecture
-    from pipeline.train.build import build_run
-    from pipeline.train.loop import fit
+    from pipeline.train.build import build_run, fit_run
 
     source = None
     if cfg.finetune.strategy != "scratch":
         fetched = fetch_source(cfg, tracking_uri=None)
         cfg, source = resolve_architecture(cfg, fetched), fetched.payload
     parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"), source=source)
-    result = fit(
-        parts.model,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        optim_cfg=cfg.optim,
-        train_cfg=cfg.train,
-        device=torch.device("cpu"),
-        on_epoch_start=parts.on_epoch_start,
-        class_weights=parts.class_weights,
-    )
+    result = fit_run(parts, cfg, device=torch.device("cpu"))
     return result.best_metric
 
 

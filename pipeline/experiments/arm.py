@@ -24,8 +24,8 @@ from pipeline.data.loader import build_loader
 from pipeline.models.heads import NORM_TYPES
 from pipeline.models.profile import count_macs, count_parameters
 from pipeline.tracking.base import NullTracker, Tracker
-from pipeline.train.build import build_run
-from pipeline.train.loop import FitResult, evaluate, fit
+from pipeline.train.build import build_run, fit_run
+from pipeline.train.loop import FitResult, evaluate
 
 # Per-epoch keys left out of the summary: one series per class, and timings that depend on the machine's load.
 _NOT_SUMMARIZED = ("/recall/", "/precision/", "system/", "train/lr")
@@ -115,21 +115,7 @@ def train_arm(
         tracker.log_metrics(extra, step=epoch)
         added[epoch] = extra
 
-    result = fit(
-        parts.model,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        optim_cfg=cfg.optim,
-        train_cfg=cfg.train,
-        device=device,
-        tracker=tracker,
-        on_epoch_end=on_epoch_end,
-        on_epoch_start=parts.on_epoch_start,
-        class_weights=parts.class_weights,
-        class_names=classes,
-    )
+    result = fit_run(parts, cfg, device=device, tracker=tracker, on_epoch_end=on_epoch_end)
     history = [{**entry, **added[int(entry["epoch"])]} for entry in result.history]
     return Trained(model=parts.model, result=result, history=history, seconds=time.perf_counter() - started)
 

@@ -18,6 +18,7 @@ from pipeline.config import FinetuneConfig, ModelConfig, PretrainConfig
 from pipeline.data.loader import ShardLoader, build_loader
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.models import build_model, freeze_backbone, replace_classifier, unfreeze_backbone
+from pipeline.train.loop import fit
 from pipeline.train.metrics import class_weights
 from pipeline.train.optim import build_optimizer, build_scheduler
 
@@ -131,6 +132,33 @@ def build_run(
             else None
         ),
         find_unused_parameters=strategy == "two_stage",
+    )
+
+
+def fit_run(
+    parts: RunParts,
+    cfg: PretrainConfig,
+    *,
+    device: torch.device,
+    model: nn.Module | None = None,
+    **hooks,
+):
+    """``fit`` with everything ``build_run`` prepared (loaders, optimizer, stages, class weights, class
+    names); ``model`` is the wrapped one to train (DDP, compiled) when not ``parts.model`` itself, ``hooks``
+    the caller's own (tracker, resume, on_epoch_end)."""
+    return fit(
+        parts.model if model is None else model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        optim_cfg=cfg.optim,
+        train_cfg=cfg.train,
+        device=device,
+        on_epoch_start=parts.on_epoch_start,
+        class_weights=parts.class_weights,
+        class_names=parts.train_manifest.classes,
+        **hooks,
     )
 
 
