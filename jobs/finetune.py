@@ -19,9 +19,8 @@ from pipeline.config import FinetuneConfig
 
 
 def _run(cfg: FinetuneConfig, resume: bool):
-    from pipeline.finetune import (
-        run_finetune,
-    )  # after validation of the typed config: bad input never imports Ray
+    # Imported after the typed config validated: bad input never imports Ray.
+    from pipeline.finetune import run_finetune
 
     return run_finetune(cfg, resume=resume)
 

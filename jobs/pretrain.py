@@ -19,9 +19,8 @@ from pipeline.config import PretrainConfig
 
 
 def _run(cfg: PretrainConfig, resume: bool):
-    from pipeline.pretrain import (
-        run_pretrain,
-    )  # after validation of the typed config: bad input never imports Ray
+    # Imported after the typed config validated: bad input never imports Ray.
+    from pipeline.pretrain import run_pretrain
 
     return run_pretrain(cfg, resume=resume)
 

@@ -15,6 +15,7 @@ What Ray Train provides here and is not re-implemented:
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import tempfile
@@ -78,7 +79,7 @@ def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bo
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=_state_api_env("RAY_ADDRESS", address))
         return
     cpus = os.cpu_count() or 1
     needed = concurrent * scaling.num_workers * scaling.cpus_per_worker
@@ -94,13 +95,33 @@ def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bo
             f"scaling.use_gpu: {scaling.num_workers} GPU workers requested, this machine has "
             f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
         )
+    from pipeline.stack import free_port
+
     # The dashboard (on 127.0.0.1 only) serves the state API that Train's placement-group cleaner polls.
+    dashboard_port = free_port()
     ray.init(
         address="local",
         num_cpus=cpus + (1 if trial_drivers else 0),
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         log_to_driver=True,
+        runtime_env=_state_api_env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}"),
     )
+
+
+def _state_api_env(variable: str, value: str) -> dict[str, Any] | None:
+    """Tell every worker of this job which cluster Ray's state API should ask.
+
+    Ray Train's placement-group cleaner (an actor) asks the state API whether the controller is alive, with
+    no address: with none in its environment Ray scans the machine for GCS processes, and with a second Ray
+    instance on the machine (a local stack, another user's job) that fails with "Found multiple active Ray
+    instances"; the cleaner dies and every stopped Tune trial keeps its CPUs, so a search stalls (seen).
+    Skipped where the submitted job's own runtime env already sets the variable (Ray refuses the clash).
+    """
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    if variable in (job_env.get("env_vars") or {}):
+        return None
+    return {"env_vars": {variable: value}}
 
 
 def launch(

@@ -7,6 +7,7 @@ mid-run and the S3 endpoint restarting between epochs. One module, one Ray head:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def _submit(
     args: list[str],
     *,
     script: str = "jobs/pretrain.py",
-    config: str = "configs/pretrain/toy_resnet20.yaml",
+    config: str | None = "configs/pretrain/toy_resnet20.yaml",
 ) -> None:
     excludes = json.dumps({"excludes": [".venv", ".cache", ".git", "*.egg-info", "docs"]})
     cmd = [
@@ -146,8 +147,7 @@ def _submit(
         "--",
         "python",
         script,
-        "--config",
-        config,
+        *(["--config", config] if config else []),
         *args,
     ]
     deadline = time.monotonic() + 90
@@ -264,6 +264,44 @@ def test_search_job_submit(stack, toy_pretrain_manifests, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("tune-toy").experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the parent and 2 trials
     assert (tmp_path / "ray_results" / "job-search" / "best_config.yaml").is_file()
+
+
+def test_workers_query_their_own_cluster_with_a_second_ray_instance_on_the_machine(stack, tmp_path):
+    """Ray Train's placement-group cleaner asks the state API with no address; with two Ray instances on the
+    machine Ray's auto-detection fails ("Found multiple active Ray instances"), the cleaner dies and stopped
+    Tune trials keep their CPUs (a demo search stalled). Both ways of starting Ray must point workers at their
+    own cluster: a local instance next to the stack's head, and a job on the head next to a local instance."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    release = tmp_path / "release"
+    local = subprocess.Popen(
+        [sys.executable, "tests/ray_state_probe.py", "--hold", str(release)],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert local.stdout is not None
+        lines = []
+        for line in local.stdout:  # ends when the probe prints its result (or exits)
+            lines.append(line)
+            if line.startswith("probe:"):
+                break
+        assert lines and lines[-1].strip() == "probe: ok", "".join(lines)[-3000:]
+        jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+        _submit(stack, "state-probe", [], script="tests/ray_state_probe.py", config=None)
+        status = _wait_job(jobs, "state-probe", 120)
+        logs = jobs.get_job_logs("state-probe")
+        assert status == JobStatus.SUCCEEDED and "probe: ok" in logs, logs[-3000:]
+    finally:
+        release.touch()
+        try:
+            local.communicate(timeout=60)  # drains the pipe: a probe blocked writing would never exit
+        finally:
+            local.kill()
+    assert local.returncode == 0
 
 
 def _wait_job(jobs, job_id: str, timeout_s: float):
