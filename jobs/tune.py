@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import run_job
+from pipeline.cli import print_registration, run_job
 from pipeline.config import TuneConfig
 
 
@@ -36,9 +36,7 @@ def _summarize(cfg: TuneConfig, outcome) -> None:
     print(f"best config: {outcome.best_config_path}")
     if outcome.parent_run_id:
         print(f"MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
-    if outcome.registration is not None:
-        reg = outcome.registration
-        print(f"registered {reg.name} version {reg.version} (alias '{reg.alias}' moved: {reg.alias_moved})")
+    print_registration(outcome.registration)
 
 
 def main(argv: list[str] | None = None) -> int:

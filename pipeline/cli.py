@@ -63,11 +63,14 @@ def summarize_training(job: str) -> Callable[[Any, Any], None]:
         print(f"checkpoints and exported model: {outcome.run_url}")
         if outcome.mlflow_run_id:
             print(f"MLflow run {outcome.mlflow_run_id} in {outcome.tracking_uri}")
-        if outcome.registration is not None:
-            reg = outcome.registration
-            moved = (
-                "moved to it" if reg.alias_moved else f"stays with version {reg.previous_version} (better)"
-            )
-            print(f"registered {reg.name} version {reg.version}; alias '{reg.alias}' {moved}")
+        print_registration(outcome.registration)
 
     return summarize
+
+
+def print_registration(reg: Any) -> None:
+    """The registry line every job summary ends with (a Registration, or None when nothing was registered)."""
+    if reg is None:
+        return
+    moved = "moved to it" if reg.alias_moved else f"stays with version {reg.previous_version} (better)"
+    print(f"registered {reg.name} version {reg.version}; alias '{reg.alias}' {moved}")
