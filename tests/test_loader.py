@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from imgtree import write_imbalanced_shards, write_sized_shards
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataWait, LoaderError, build_loader, plan_slot
 from pipeline.data.manifest import load_manifest
+from pipeline.stack import free_port
 
 UNEVEN = [13, 2, 9, 1, 7, 11, 3]  # 46 samples; rank 0 gets shards 0,2,4,6 (32), rank 1 gets 1,3,5 (14)
 
@@ -206,18 +206,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, manifest_url: str, out_di
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_ddp_over_uneven_shards_finishes(uneven, tmp_path):
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
         _ddp_worker,
-        args=(2, _free_port(), uneven.url, str(tmp_path)),
+        args=(2, free_port(), uneven.url, str(tmp_path)),
         nprocs=2,
         join=False,
         start_method="spawn",

@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import re
-import socket
 import sys
 import tarfile
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 import pytest
 from conftest import toy_pretrain_overrides
 from imgtree import write_sized_shards
+
+from pipeline.stack import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -72,12 +73,6 @@ def multinode_data(tmp_path_factory) -> dict[str, str]:
     return {"train": pretrain["train"], "val": pretrain["val"], "odd_val": odd.url}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """Two Ray nodes with one CPU each on 127.0.0.1; the driver connected to them."""
@@ -103,7 +98,7 @@ def two_node_cluster():
             # it keep 127.0.0.1.
             patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
             # Its own API server port: 8265 may belong to another Ray instance on the machine.
-            cluster.add_node(**node_args, dashboard_port=_free_port())
+            cluster.add_node(**node_args, dashboard_port=free_port())
             cluster.add_node(**node_args)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)

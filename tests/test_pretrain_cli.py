@@ -99,11 +99,9 @@ def test_print_config_shows_the_resolved_tree(no_ray_env):
 
 
 def test_unreachable_tracking_server_fails_before_ray(no_ray_env, toy_pretrain_manifests, tmp_path):
-    import socket
+    from pipeline.stack import free_port
 
-    with socket.socket() as sock:  # a port nobody listens on once the socket is closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it once the probe socket is closed
     overrides = toy_pretrain_overrides(toy_pretrain_manifests, tmp_path)
     result = _run(no_ray_env, *overrides, f"tracking.uri=http://user:secret@127.0.0.1:{port}")
     assert result.returncode == 1, result.stderr[-2000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tarfile
 import time
 import traceback
@@ -18,6 +17,7 @@ import pytest
 
 from pipeline.data import s3, storage
 from pipeline.data.storage import ObjectInfo, StorageError
+from pipeline.stack import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -272,15 +272,9 @@ def test_webdataset_reads_s3_shard_in_spawned_worker(s3_bucket):
 # --- failures ----------------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("operation", ["get", "put", "head", "list", "upload"])
 def test_unreachable_endpoint_fails_fast_without_leaking_credentials(operation, monkeypatch, tmp_path):
-    port = _closed_port()
+    port = free_port()
     access_key, secret_key = "AKIADISTINCTIVE7777", "s3cr3t-DISTINCTIVE-value-9999"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)

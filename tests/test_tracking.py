@@ -5,11 +5,11 @@ on improvement."""
 from __future__ import annotations
 
 import inspect
-import socket
 import time
 
 import pytest
 
+from pipeline.stack import free_port
 from pipeline.tracking import NullTracker, Tracker
 
 mlflow_tracker = pytest.importorskip("pipeline.tracking.mlflow_tracker")
@@ -37,12 +37,6 @@ def _tracker(store, *, experiment: str, run_id: str | None = None):
         run_id=run_id,
         artifact_location=store["artifacts"],
     )
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mlflow_tracker_matches_the_tracker_protocol():
@@ -172,7 +166,7 @@ def test_open_tracker_uri_resolution(store, tmp_path, monkeypatch):
 
 
 def test_unreachable_server_fails_fast_without_password():
-    uri = f"http://alice:hunter2@127.0.0.1:{_closed_port()}"
+    uri = f"http://alice:hunter2@127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(mlflow_tracker.TrackingError) as error:
         mlflow_tracker.open_tracker(uri=uri, experiment="x", run_name="r", required=True)
@@ -183,7 +177,7 @@ def test_unreachable_server_fails_fast_without_password():
 
 
 def test_unreachable_server_not_required_warns_and_tracks_nothing():
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     with pytest.warns(RuntimeWarning, match="127.0.0.1"):
         tracker = mlflow_tracker.open_tracker(uri=uri, experiment="x", run_name="r", required=False)
     assert isinstance(tracker, NullTracker)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import ConfigError, EarlyStoppingConfig, OptimConfig, load_config
+from pipeline.stack import free_port
 from pipeline.train import (
     EarlyStopping,
     agree,
@@ -296,17 +296,11 @@ def _agree_worker(rank: int, port: int, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(90)
 def test_agree_in_two_process_gloo_group(tmp_path):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(
-        _agree_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "[True, False]"
