@@ -19,8 +19,15 @@ import argparse
 import shlex
 import sys
 
-from pipeline.config import ConfigError, dump_yaml
-from pipeline.errors import PipelineError
+from pipeline.cli import execute
+
+
+def _summarize(cfg, outcome) -> None:
+    print(f"\n=== {outcome.name}: {len(outcome.runs)} runs in {outcome.seconds / 60:.1f} min ===")
+    print(outcome.verdict.line)
+    print(f"results: {outcome.markdown_path} and {outcome.plot_path}")
+    if outcome.parent_run_id:
+        print(f"MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,26 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="scale=<preset> and dotted key=value overrides")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "jobs/experiment.py", args.name, *args.overrides])
-    try:
-        cfg = load_experiment(args.name, args.overrides)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
+
+    def run(cfg):
         from pipeline.experiments.runner import run_experiment  # after validation: bad input imports no torch
 
-        outcome = run_experiment(cfg, command=command, log=lambda line: print(line, flush=True))
-    except ConfigError as error:
-        print(f"experiment: config error: {error}", file=sys.stderr)
-        return 2
-    except PipelineError as error:
-        print(f"experiment: failed: {error}", file=sys.stderr)
-        return 1
-    print(f"\n=== {outcome.name}: {len(outcome.runs)} runs in {outcome.seconds / 60:.1f} min ===")
-    print(outcome.verdict.line)
-    print(f"results: {outcome.markdown_path} and {outcome.plot_path}")
-    if outcome.parent_run_id:
-        print(f"MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
-    return 0
+        return run_experiment(cfg, command=command, log=lambda line: print(line, flush=True))
+
+    return execute(
+        "experiment",
+        load=lambda: load_experiment(args.name, args.overrides),
+        run=run,
+        summarize=_summarize,
+        print_config=args.print_config,
+    )
 
 
 if __name__ == "__main__":

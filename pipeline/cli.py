@@ -30,12 +30,32 @@ def run_job(
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
     args = parser.parse_args(argv)
+    return execute(
+        name,
+        load=lambda: load_config(config_type, args.config, args.overrides),
+        run=lambda cfg: run(cfg, args.resume),
+        summarize=summarize,
+        print_config=args.print_config,
+    )
+
+
+def execute(
+    name: str,
+    *,
+    load: Callable[[], Any],
+    run: Callable[[Any], Any],
+    summarize: Callable[[Any, Any], None],
+    print_config: bool = False,
+) -> int:
+    """The exit-code contract of every job: ``load()`` builds the typed config, then it is printed
+    (``print_config``) or ``run(cfg)`` and ``summarize(cfg, outcome)``; bad input exits 2 and a failed run 1,
+    each with one line naming the job."""
     try:
-        cfg = load_config(config_type, args.config, args.overrides)
-        if args.print_config:
+        cfg = load()
+        if print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        outcome = run(cfg, args.resume)
+        outcome = run(cfg)
     except ConfigError as error:
         print(f"{name}: config error: {error}", file=sys.stderr)
         return 2
