@@ -374,3 +374,44 @@ def test_trained_classifier_as_detection_backbone():
     assert [tuple(t.shape) for t in pyramid.values()] == [(1, 64, 8, 8), (1, 64, 4, 4), (1, 64, 2, 2)]
     with pytest.raises(ValueError, match="stages 1..4"):
         build_feature_extractor(model, stages=[5])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The DDP replica digest in every memory format the recipes use
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_replica_digest_works_in_channels_last_and_keeps_bit_exactness(name):
+    from pipeline.train.build import parameter_digest
+
+    # Built on meta and materialized uninitialized: the digest only needs real storage, and 27 models'
+    # random initializations (convnext_base: 88M parameters) would cost tens of seconds.
+    with torch.device("meta"):
+        model = build_model(name, num_classes=10)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for index, parameter in enumerate(model.parameters()):
+            parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter) + index)
+    plain = parameter_digest(model)
+    nhwc = model.to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in nhwc.parameters() if p.dim() == 4) or name.startswith("cifar")
+    # The same values in another layout hash the same: a channels_last rank equals a contiguous one.
+    assert parameter_digest(nhwc) == plain
+    # One ulp anywhere changes it: the check stays bit-exact.
+    last = list(nhwc.parameters())[-1]
+    with torch.no_grad():
+        last.view(-1)[0] = torch.nextafter(last.view(-1)[0], torch.tensor(float("inf")))
+    assert parameter_digest(nhwc) != plain
+
+
+def test_replica_digest_hashes_half_precision_weights_by_their_bits():
+    from pipeline.train.build import parameter_digest
+
+    model = build_model("resnet18", num_classes=3).to(memory_format=torch.channels_last)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = model.to(dtype)
+        digest = parameter_digest(low)
+        with torch.no_grad():
+            weight = low.conv1.weight
+            weight[0, 0, 0, 0] = torch.nextafter(weight[0, 0, 0, 0], torch.tensor(float("inf"), dtype=dtype))
+        assert parameter_digest(low) != digest, dtype

@@ -163,10 +163,17 @@ def fit_run(
 
 
 def parameter_digest(model: nn.Module) -> str:
-    """SHA-1 of every parameter's bytes in order: equal digests mean bit-identical replicas."""
+    """SHA-1 of every parameter's bytes in logical (row-major) order: equal digests mean bit-identical
+    replicas, whatever each replica's memory format.
+
+    ``reshape(-1)`` rather than ``contiguous()``: a channels_last 1x1 conv weight of shape (64, 64, 1, 1)
+    has strides (64, 1, 64, 64) and counts as contiguous (size-1 dims are ignored), so ``contiguous()``
+    keeps it as is and the byte view fails on its last stride; flattening yields stride 1 for every layout
+    and dtype (a copy only where the layout is not row-major), so bf16/fp16 weights hash by their bits too."""
     digest = hashlib.sha1()
     for parameter in model.parameters():
-        digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = parameter.detach().cpu().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
