@@ -28,7 +28,13 @@ def _summarize(cfg: TuneConfig, outcome) -> None:
     for trial in outcome.trials:
         best = "n/a" if trial.best is None else f"{trial.best:.4f}"
         marker = "  <- best" if trial.index == outcome.best_index else ""
-        print(f"trial {trial.index}: {trial.epochs} epochs, best {best}, {trial.stop_reason}{marker}")
+        why = f": {trial.error}" if trial.error else ""
+        print(f"trial {trial.index}: {trial.epochs} epochs, best {best}, {trial.stop_reason}{why}{marker}")
+    if outcome.failed:
+        print(
+            f"{len(outcome.failed)} of {len(outcome.trials)} trials failed (never chosen as best); first: "
+            f"trial {outcome.failed[0].index}: {outcome.failed[0].error}"
+        )
     print(
         f"epochs used {outcome.epochs_used} of a full budget of {outcome.epochs_budget} "
         f"({outcome.epochs_used / outcome.epochs_budget:.0%}); rejected by the FLOPs budget: {outcome.rejected}"

@@ -554,14 +554,25 @@ class ScalingConfig:
     """How many training workers (DDP ranks) Ray Train starts, and what each one gets."""
 
     num_workers: int = 2
-    """DDP ranks (one per GPU with use_gpu=true)."""
+    """DDP ranks (one per GPU with use_gpu=true); 0 trains in the job's own process (Ray Train's local
+    mode: no Ray actors, no restarts, checkpoints kept only for the export): for debugging a recipe."""
     use_gpu: bool = False
     """One GPU per worker, nccl backend and bf16 autocast (train.amp=auto); false: CPU workers with gloo."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves per worker; size it to data.loader_workers + 1 on GPU nodes."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.num_workers >= 0, "scaling.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(
+            not (self.num_workers == 0 and self.use_gpu),
+            "scaling.use_gpu",
+            "needs Ray workers (scaling.num_workers >= 1); num_workers=0 runs in the job's process on CPU",
+        )
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: num_workers, or the job's own process in local mode (num_workers=0)."""
+        return max(1, self.num_workers)
         _check(
             self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
         )

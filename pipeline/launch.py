@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,7 +147,9 @@ def launch(
     from ray.train import ScalingConfig as RayScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(scaling)
+    local = scaling.num_workers == 0
+    if not local:  # local mode runs in this process: no cluster to start or join
+        ensure_ray(scaling)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
@@ -154,7 +157,9 @@ def launch(
         scaling_config=RayScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            resources_per_worker=None
+            if local
+            else {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=name,
@@ -165,22 +170,67 @@ def launch(
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=checkpoint.max_failures),
-            callbacks=callbacks or [],
+            callbacks=[DeterministicErrorGuard(), *(callbacks or [])],
         ),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise LaunchError(_short_error(error)) from None
+    except Exception as error:  # local mode raises the training function's own exception
+        if not local:
+            raise
+        raise LaunchError(f"{type(error).__name__}: {error}") from None
     if result.error is not None:
         raise LaunchError(_short_error(result.error))
+    run_path = str(result.path) if result.path else f"{storage_path.rstrip('/')}/{name}"
     if result.checkpoint is None:
-        raise LaunchError(f"training under {result.path} finished without reporting a checkpoint")
+        raise LaunchError(f"training under {run_path} finished without reporting a checkpoint")
     local_dir = tempfile.mkdtemp(prefix="pipeline-ckpt-")
     result.checkpoint.to_directory(local_dir)
-    return LaunchResult(
-        checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=str(result.path)
-    )
+    if local:  # Ray kept only a reference to report_epoch's directory; it was copied above
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    return LaunchResult(checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=run_path)
+
+
+class DeterministicErrorGuard(ray.train.UserCallback):
+    """Stops a run at once when a worker raised an error that a restart would only repeat.
+
+    Ray Train restarts the worker group on any worker error, up to ``max_failures`` times. That is right for
+    a lost worker (a dead process or node: Ray reports a failed health check) and for what its peers see
+    then (a torch.distributed error in the collective they were in), and for I/O that may succeed next
+    time (``OSError``, which covers connection errors, timeouts and our storage errors). Any other Python
+    exception raised by a live worker - a bug, a bad config value, an unsupported layer - happens again at
+    the same step after every restart: the seen case was a channels_last recipe that lost its first epoch
+    and then every restart. Raising here, in the controller, ends the run (Ray treats a callback error as a
+    controller error, which it does not retry), and the job fails with the worker's error.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        if not worker_exceptions or any(_retryable(e) for e in worker_exceptions.values()):
+            return
+        rank, error = min(worker_exceptions.items())
+        raise DeterministicWorkerError(
+            f"rank {rank} raised {type(error).__name__}: {str(error).strip()[:400]} "
+            "(an error in the training code or config, not a lost worker: not retried)"
+        )
+
+
+class DeterministicWorkerError(RuntimeError):
+    """A worker's error that a restart would repeat (see :class:`DeterministicErrorGuard`)."""
+
+
+def _retryable(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    return isinstance(
+        error, WorkerHealthCheckFailedError | RayActorError | torch.distributed.DistError | OSError
+    ) or any(mark in str(error) for mark in _COLLECTIVE_FAILURE_MARKS)
+
+
+# A peer that died mid-collective: gloo raises a plain RuntimeError naming its transport, not a DistError.
+_COLLECTIVE_FAILURE_MARKS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL")
 
 
 def _short_error(error: BaseException) -> str:
@@ -204,10 +254,20 @@ def restore_checkpoint() -> dict[str, Any] | None:
         return load_checkpoint(Path(directory) / STATE_FILE)
 
 
+_local_report_dir: list[str] = []
+"""Local mode's last reported checkpoint directory: Ray keeps only a reference to it (launch copies it)."""
+
+
 def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); only rank 0 writes the state file."""
+    """``ray.train.report`` on every rank (it is a barrier); only rank 0 writes the state file. Ray copies
+    the directory to storage during the call, so it is removed after; in local mode (no storage, Ray only
+    keeps a reference) the newest one stays until :func:`launch` has copied it."""
+    from ray.train.v2.api.context import LocalTrainContext
+
+    local = isinstance(ray.train.get_context(), LocalTrainContext)
     epoch = state.epoch - 1
-    with tempfile.TemporaryDirectory(prefix="pipeline-report-") as directory:
+    directory = tempfile.mkdtemp(prefix="pipeline-report-")
+    try:
         checkpoint = None
         if rank == 0:
             save_checkpoint(state, Path(directory) / STATE_FILE)
@@ -215,6 +275,13 @@ def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> No
         ray.train.report(
             {**metrics, "epoch": epoch}, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}"
         )
+    finally:
+        if not local:
+            shutil.rmtree(directory, ignore_errors=True)
+    if local:
+        while _local_report_dir:
+            shutil.rmtree(_local_report_dir.pop(), ignore_errors=True)
+        _local_report_dir.append(directory)
 
 
 def pretrain_worker(loop_config: dict[str, Any]) -> None:

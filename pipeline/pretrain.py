@@ -97,10 +97,10 @@ def validate(cfg: PretrainConfig) -> Validated:
             f"model.num_classes: {num_classes} but {train.url} has {train.num_classes} classes; "
             "set it to null to follow the manifest"
         )
-    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers
+    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.world_size
     if train.num_samples < global_batch:
         raise ConfigError(
-            f"data.batch_size_per_worker: {cfg.scaling.num_workers} workers x {cfg.data.batch_size_per_worker} "
+            f"data.batch_size_per_worker: {cfg.scaling.world_size} workers x {cfg.data.batch_size_per_worker} "
             f"= {global_batch} exceeds the {train.num_samples} training samples; lower it"
         )
     return Validated(train_manifest=train, val_manifest=val, num_classes=num_classes, arch=arch)
@@ -164,7 +164,7 @@ def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
     params = to_dict(cfg)
     if params["tracking"]["uri"]:
         params["tracking"]["uri"] = redact_uri(params["tracking"]["uri"])
-    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers
+    global_batch = cfg.data.batch_size_per_worker * cfg.scaling.world_size
     params["derived"] = {
         "global_batch_size": global_batch,
         "scaled_lr": scaled_lr(cfg.optim, global_batch_size=global_batch),

@@ -32,6 +32,7 @@ from pipeline.config import (
 )
 from pipeline.data import storage
 from pipeline.data.storage import StorageError
+from pipeline.errors import PipelineError
 from pipeline.pretrain import (
     absolute_storage,
     localize,
@@ -55,6 +56,8 @@ class TrialSummary:
     """Best objective over the trial's epochs (by the search's mode)."""
     stop_reason: str
     run_id: str | None
+    error: str | None = None
+    """The trial's error, shortened, when it failed."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class SearchOutcome:
     parent_run_id: str | None
     tracking_uri: str | None
     registration: Any | None
+
+    @property
+    def failed(self) -> list[TrialSummary]:
+        """Trials that ended in an error (never the best one)."""
+        return [t for t in self.trials if t.stop_reason == "error"]
 
 
 def base_config(cfg: TuneConfig) -> PretrainConfig:
@@ -169,6 +177,10 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
     from pipeline.tracking.mlflow_tracker import child_runs, flatten_params, open_tracker
 
     base = base_config(cfg)
+    if base.scaling.num_workers == 0:
+        # Tune hears a trial's epochs through the Train workers' reports (TuneReportCallback), which Ray
+        # Train's local mode never calls back: every trial would end with nothing reported.
+        raise ConfigError("pretrain.scaling.num_workers: a search's trials need Ray Train workers; use >= 1")
     validated = validate(base)
     base = localize(base)
     max_epochs = base.train.epochs
@@ -253,13 +265,29 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                     best=_objective_best([v for _, v in trial.history], cfg.search.mode),
                     stop_reason=reason,
                     run_id=child.info.run_id if child is not None else None,
+                    error=_short(trial.error) if trial.error else None,
                 )
             )
             if child is not None:
                 _settle_child(tracking_uri, child.info.run_id, reason, trial.error)
-        scored = [s for s in summaries if s.best is not None]
+        failed = [(s, t.error) for s, t in zip(summaries, results, strict=True) if s.stop_reason == "error"]
+        if failed and tracker.run_id is not None:
+            tracker.set_tags(
+                {
+                    "search.failed_trials": f"{len(failed)} of {len(summaries)}",
+                    "search.first_error": _short(failed[0][1]),
+                }
+            )
+        # An errored trial is never the best, whatever it reported before failing: its run did not finish.
+        scored = [s for s in summaries if s.best is not None and s.stop_reason != "error"]
         if not scored:
-            raise ConfigError("search: no trial reported the objective; see the trial errors above") from None
+            if failed:
+                first, error = failed[0]
+                raise SearchFailedError(
+                    f"all {len(failed)} of {len(summaries)} trials failed; first error (trial {first.index}): "
+                    f"{_short(error)}"
+                )
+            raise SearchFailedError(f"none of the {len(summaries)} trials reported {cfg.search.metric}")
         sign = 1 if cfg.search.mode == "max" else -1
         best = max(scored, key=lambda s: sign * s.best)
         best_trial = next(t for t in results if t.index == best.index)
@@ -345,6 +373,17 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
     finally:
         if tracker.run_id is not None:
             tracker.close(status=status)
+
+
+class SearchFailedError(PipelineError, RuntimeError):
+    """No trial finished: the job exits 1, the parent run is FAILED, nothing is written or registered."""
+
+
+def _short(error: str | None, limit: int = 300) -> str:
+    """One line of a trial's error: its last non-empty line (the exception), at most ``limit`` characters."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _child_history(tracking_uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:

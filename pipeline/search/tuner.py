@@ -155,7 +155,8 @@ def run_trials(
                 overrides=dict(trial["overrides"]),
                 history=history,
                 last=dict(result.metrics or {}),
-                error=None if result.error is None else str(result.error).strip().splitlines()[-1][:500],
+                # The whole text (Ray's wrapper lines and the trial's own error); the driver shortens it.
+                error=None if result.error is None else str(result.error).strip()[-2000:],
             )
         )
     return sorted(results, key=lambda r: r.index)

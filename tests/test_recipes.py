@@ -1,0 +1,387 @@
+"""Every shipped recipe runs end to end: each file under configs/pretrain, configs/finetune and configs/tune
+(and so every experiment's base recipe), at a tiny size on CPU, with the recipe's own flags.
+
+One rule, :func:`smoke_overrides`, shrinks a recipe and changes nothing else: the data location (embedded
+shards at 32 px), sizes (resolution, batch, shuffle buffer), the epoch count with the epoch-valued schedule
+fields compressed to it (warm-up, step milestones, fine-tuning's head stage), worker counts (in-process
+training for pre-training and fine-tuning, one Ray worker per trial and 2 trials for a search) and where
+checkpoints and MLflow records go. channels_last, AMP, optimizer, schedule, augmentation, dropout,
+stochastic depth, label smoothing, class weights, the scheduler and search space stay as shipped, and a test
+checks that the rule touched only those fields. A new recipe is covered by adding its file.
+
+Pre-training and fine-tuning run through the job's driver in Ray Train's local mode (``scaling.num_workers=0``:
+the same worker function, reports, replica digest, export and registration, without the ~12 s a Ray worker
+group costs to start); the Ray-distributed path itself (DDP, restarts, S3) is covered on the toy recipe by
+test_pretrain, test_multinode and test_stack. Searches need Ray workers: they share one Ray instance.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    ShardConfig,
+    ToyConfig,
+    TuneConfig,
+    deep_merge,
+    load_config,
+    read_yaml,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+FINETUNE = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+TUNE = sorted((REPO / "configs" / "tune").glob("*.yaml"))
+SMOKE_EPOCHS = 2
+"""Two, not one: a warm-up epoch and a scheduled one, both fine-tuning stages, and a replica check after an
+epoch that is not the last."""
+
+# What the rule may change; everything else must equal the shipped recipe.
+ALLOWED = (
+    "data.train_manifest",
+    "data.val_manifest",
+    "data.resolution",
+    "data.batch_size_per_worker",
+    "data.loader_workers",
+    "data.shuffle_buffer",
+    "train.epochs",
+    "optim.warmup_epochs",
+    "optim.step_milestones",
+    "finetune.head_epochs",
+    "scaling.num_workers",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "checkpoint.storage_path",
+    "tracking.uri",
+)
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [p.stem for p in paths]
+
+
+def _compress_schedule(tree: dict, epochs: int) -> dict[str, object]:
+    """The recipe's epoch-valued fields scaled to ``epochs`` (a warm-up stays a warm-up, a step stays a
+    step, a two-stage run keeps both stages), so the shrunk schedule has the recipe's shape."""
+    optim, train = tree.get("optim", {}), tree.get("train", {})
+    scale = epochs / train.get("epochs", 90)
+    warmup = min(1, optim.get("warmup_epochs", 0))
+    changes: dict[str, object] = {"train.epochs": epochs, "optim.warmup_epochs": warmup}
+    if optim.get("schedule") == "step":
+        milestones = optim.get("step_milestones", [30, 60, 80])
+        changes["optim.step_milestones"] = sorted(
+            {min(epochs, max(warmup + 1, round(m * scale))) for m in milestones}
+        )
+    if "finetune" in tree and tree["finetune"].get("strategy") == "two_stage":
+        changes["finetune.head_epochs"] = 1
+    return changes
+
+
+def smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path, ray_workers: int) -> dict:
+    """The one shrinking rule: dotted key -> value for a PretrainConfig/FinetuneConfig-shaped ``tree``."""
+    data = tree.get("data", {})
+    return {
+        "data.train_manifest": manifests["train"],
+        "data.val_manifest": manifests["val"],
+        "data.resolution": 32,
+        "data.batch_size_per_worker": 8,
+        "data.loader_workers": 0,
+        "data.shuffle_buffer": min(64, data.get("shuffle_buffer", 2000)),
+        **_compress_schedule(tree, SMOKE_EPOCHS),
+        "scaling.num_workers": ray_workers,
+        "scaling.use_gpu": False,
+        "scaling.cpus_per_worker": 1,
+        "checkpoint.storage_path": str(workdir / "checkpoints"),
+        "tracking.uri": f"sqlite:///{workdir / 'mlflow.db'}",
+    }
+
+
+def _argv(overrides: dict, prefix: str = "") -> list[str]:
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+    return [f"{prefix}{key}={text(value)}" for key, value in overrides.items()]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One MLflow store for the module: fine-tuning recipes find their sources registered by the
+    pre-training recipes, exactly as a user's registry would hold them."""
+    return tmp_path_factory.mktemp("recipes")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(workdir):
+    """Embedded shards at 32 px: 10 pretrain classes (8 train / 4 val each), 4 downstream classes."""
+    from pipeline.data.prepare import prepare_embedded
+
+    toy = ToyConfig(
+        root=str(workdir / "raw"),
+        image_size=32,
+        pretrain_train_per_class=8,
+        pretrain_val_per_class=4,
+        downstream_train_max=12,
+        downstream_val_per_class=4,
+        downstream_imbalance=3.0,
+    )
+    return prepare_embedded(
+        toy, ShardConfig(dest=str(workdir / "shards"), samples_per_shard=40, workers=1)
+    ).manifests
+
+
+def _run_training(path: Path, tiny_data, workdir):
+    """Run one pre-training or fine-tuning recipe through its driver; returns (cfg, outcome)."""
+    finetune = path.parent.name == "finetune"
+    tree = read_yaml(path)
+    overrides = smoke_overrides(
+        tree,
+        manifests=tiny_data["downstream" if finetune else "pretrain"],
+        workdir=workdir,
+        ray_workers=0,
+    )
+    if finetune:
+        from pipeline.finetune import run_finetune
+
+        _ensure_source(tree["finetune"]["source"], tiny_data, workdir)
+        cfg = load_config(FinetuneConfig, path, _argv(overrides))
+        return cfg, run_finetune(cfg)
+    from pipeline.pretrain import run_pretrain
+
+    cfg = load_config(PretrainConfig, path, _argv(overrides))
+    return cfg, run_pretrain(cfg)
+
+
+_done: dict[Path, tuple] = {}
+
+
+def _trained(path: Path, tiny_data, workdir):
+    if path not in _done:
+        _done[path] = _run_training(path, tiny_data, workdir)
+    return _done[path]
+
+
+def _ensure_source(source: str, tiny_data, workdir) -> None:
+    """A fine-tuning recipe's ``models:/NAME@ALIAS`` comes from the pre-training recipe registering NAME."""
+    if not source.startswith("models:/"):
+        return
+    name = source.removeprefix("models:/").split("@")[0]
+    makers = [p for p in PRETRAIN if read_yaml(p).get("tracking", {}).get("register_as") == name]
+    assert makers, f"no shipped pre-training recipe registers {name!r}, the source of a fine-tuning recipe"
+    _trained(makers[0], tiny_data, workdir)
+
+
+def test_every_experiment_base_recipe_is_a_shipped_recipe_covered_here():
+    covered = {p.relative_to(REPO).as_posix() for p in PRETRAIN + FINETUNE}
+    for experiment in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        tree = read_yaml(experiment)
+        recipes = [tree["recipe"], *([tree["source"]["recipe"]] if "recipe" in tree.get("source", {}) else [])]
+        for recipe in recipes:
+            assert recipe in covered, f"{experiment.name}: base recipe {recipe} is not run by the smoke tests"
+
+
+@pytest.mark.parametrize("path", PRETRAIN + FINETUNE, ids=_ids(PRETRAIN + FINETUNE))
+def test_recipe_runs_end_to_end_with_its_own_flags(path, tiny_data, workdir):
+    from mlflow import MlflowClient
+
+    config_type = FinetuneConfig if path.parent.name == "finetune" else PretrainConfig
+    cfg, outcome = _trained(path, tiny_data, workdir)
+
+    # The rule changed only what it may: every other field is the shipped recipe's.
+    shipped = _flatten(to_dict(load_config(config_type, path)))
+    ran = _flatten(to_dict(cfg))
+    changed = {k for k in ran.keys() | shipped.keys() if ran.get(k) != shipped.get(k)}
+    assert changed <= set(ALLOWED), f"the smoke rule changed recipe fields {sorted(changed - set(ALLOWED))}"
+
+    assert outcome.epochs_completed == SMOKE_EPOCHS
+    digests = outcome.final_metrics["param_digests"].split(",")
+    assert len(digests) == 1 and len(digests[0]) == 16
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1"))
+    assert steps == list(range(SMOKE_EPOCHS))
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert run.data.params["train.channels_last"] == str(cfg.train.channels_last)
+    if cfg.tracking.register_as:
+        assert outcome.registration is not None and outcome.registration.name == cfg.tracking.register_as
+
+
+@pytest.fixture(scope="module")
+def search_ray():
+    """One Ray instance for every search in this module (each trial is a 1-worker Ray Train run)."""
+    import ray
+
+    from pipeline.config import ScalingConfig
+    from pipeline.launch import ensure_ray
+
+    ensure_ray(ScalingConfig(num_workers=1, cpus_per_worker=1), concurrent=2, trial_drivers=True)
+    yield
+    ray.shutdown()
+
+
+def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path) -> dict:
+    """The same rule for a search: its recipe shrunk as above (one Ray worker per trial), 2 trials at a
+    time, searched resolutions scaled like the recipe's. The FLOPs budget stays as shipped: it is still
+    applied to every candidate (at 32 px all pass; scaled by px^2 it would reject most, since the fixed
+    head's share of the MACs grows as the image shrinks)."""
+    recipe = deep_merge(read_yaml(REPO / tree["recipe"]), tree.get("pretrain", {}))
+    overrides = smoke_overrides(recipe, manifests=manifests, workdir=workdir, ray_workers=1)
+    changes = {f"pretrain.{key}": value for key, value in overrides.items()}
+    changes.update(
+        {
+            "search.num_trials": 2,
+            "search.max_concurrent_trials": 2,
+            "search.storage_path": str(workdir / "tune"),
+        }
+    )
+    factor = overrides["data.resolution"] / recipe.get("data", {}).get("resolution", 64)
+    scaling = tree.get("space", {}).get("scaling", {})
+    if scaling.get("mode") == "direct" and "values" in scaling.get("resolution", {}):
+        changes["space.scaling.resolution.values"] = [max(8, round(r * factor)) for r in scaling["resolution"]["values"]]
+    return changes
+
+
+def _search_argv(path: Path, tiny_data, workdir: Path, *extra: str) -> list[str]:
+    overrides = search_smoke_overrides(read_yaml(path), manifests=tiny_data["pretrain"], workdir=workdir)
+    return ["--config", str(path), *_argv(overrides), *extra]
+
+
+# Searches run end to end in their own, longer tests: running them here again would only repeat them.
+RUN_ELSEWHERE = {"toy_asha": "test_tune.py"}
+
+
+def test_searches_run_elsewhere_really_are():
+    for stem, test_file in RUN_ELSEWHERE.items():
+        assert f"configs/tune/{stem}.yaml" in (REPO / "tests" / test_file).read_text(), (stem, test_file)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("path", [p for p in TUNE if p.stem not in RUN_ELSEWHERE], ids=_ids([p for p in TUNE if p.stem not in RUN_ELSEWHERE]))
+def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, capsys):
+    from jobs.tune import main
+
+    code = main(_search_argv(path, tiny_data, workdir))
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert out.out.count("\ntrial ") == 2 and "<- best" in out.out and "failed" not in out.out
+    assert "best config: " in out.out
+    register_as = read_yaml(path).get("pretrain", {}).get("tracking", {}).get("register_as")
+    if register_as:
+        assert f"registered {register_as} version" in out.out
+
+
+# --------------------------------------------------------------------------------------------------------
+# A search tells the truth about failed trials. The failure is a real one, raised in the Train worker: a
+# ConvNeXt's third downsampling conv (2x2) meets a 1x1 map at 8 px ("Kernel size can't be greater than actual
+# input size"), a deterministic error that the launcher must not retry.
+
+FAILING = ["pretrain.model.name=convnext_tiny", "pretrain.checkpoint.max_failures=2"]
+
+
+def _search_runs(workdir: Path, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=50)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+@pytest.mark.ray
+def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(tiny_data, tmp_path, search_ray, capsys):
+    from jobs.tune import main
+
+    toy = REPO / "configs" / "tune" / "toy_asha.yaml"
+    argv = _search_argv(toy, tiny_data, tmp_path, *FAILING, "pretrain.data.resolution=8")
+    argv += ["pretrain.tracking.experiment=all-fail", "pretrain.tracking.register_as=never-registered"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    line = next(line for line in err.splitlines() if line.startswith("tune: failed:"))
+    assert "all 2 of 2 trials failed; first error (trial 0)" in line and "Kernel size" in line, line
+    assert len(line) < 500
+    assert not list((tmp_path / "tune").rglob("best_config.yaml"))
+
+    client, parent, children = _search_runs(tmp_path, "all-fail")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["search.failed_trials"] == "2 of 2"
+    assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
+    # Told apart from a lost worker: failed at once instead of after max_failures=2 restarts.
+    assert all("not retried" in c.data.tags["error"] for c in children), [c.data.tags["error"] for c in children]
+    assert not client.search_registered_models("name='never-registered'")
+
+
+@pytest.mark.ray
+def test_a_failed_trial_is_never_the_best_and_the_summary_says_why(tiny_data, tmp_path, search_ray, capsys):
+    from jobs.tune import main
+
+    toy = REPO / "configs" / "tune" / "toy_asha.yaml"
+    # Trial 0 draws 8 px (fails in its worker), trial 1 32 px (trains): seed 1 of this space.
+    space = "space.extra={data.resolution: {type: choice, values: [8, 32]}}"
+    argv = _search_argv(toy, tiny_data, tmp_path, *FAILING, space, "search.seed=1")
+    argv += ["pretrain.tracking.experiment=some-fail", "search.scheduler=none"]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0
+    _, parent, children = _search_runs(tmp_path, "some-fail")
+    by_index = {int(c.data.params["trial.index"]): c for c in children}
+    resolutions = {i: c.data.params["data.resolution"] for i, c in by_index.items()}
+    assert resolutions == {0: "8", 1: "32"}, resolutions
+    assert by_index[0].info.status == "FAILED" and by_index[1].info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/trial"] == 1
+    assert parent.data.tags["search.failed_trials"] == "1 of 2" and "Kernel size" in parent.data.tags["search.first_error"]
+    assert "1 of 2 trials failed (never chosen as best); first: trial 0: " in out
+    assert "trial 1: 2 epochs" in out and out.split("trial 1: ")[1].splitlines()[0].endswith("<- best")
+
+
+def test_the_guard_stops_only_errors_a_restart_would_repeat():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from pipeline.launch import DeterministicErrorGuard, DeterministicWorkerError
+
+    guard = DeterministicErrorGuard()
+    lost = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())
+    retried = [
+        {1: lost},  # a dead process or node
+        {0: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"), 1: lost},
+        {0: RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms")},  # its peer
+        {0: ConnectionResetError("s3 read")},  # I/O that may work next time
+        {0: __import__("torch").distributed.DistBackendError("NCCL communicator was aborted")},
+    ]
+    for errors in retried:
+        guard.after_exception(None, errors)  # returns: Ray Train restarts the group
+    with pytest.raises(DeterministicWorkerError, match=r"rank 0 raised KeyError: 'head'.*not retried"):
+        guard.after_exception(None, {0: KeyError("head"), 1: KeyError("head")})
+
+
+def test_a_deterministic_error_in_local_mode_is_one_line_and_exit_1(tiny_data, tmp_path, capsys):
+    from jobs.pretrain import main
+
+    recipe = REPO / "configs" / "pretrain" / "convnext_tiny_imagenet.yaml"
+    overrides = smoke_overrides(read_yaml(recipe), manifests=tiny_data["pretrain"], workdir=tmp_path, ray_workers=0)
+    code = main(["--config", str(recipe), *_argv(overrides), "data.resolution=8"])
+    err = capsys.readouterr().err
+    assert code == 1
+    failed = [line for line in err.splitlines() if line.startswith("pretrain: failed:")]
+    assert len(failed) == 1 and "RuntimeError" in failed[0] and "Kernel size" in failed[0], err[-1500:]
