@@ -488,12 +488,15 @@ class TrainConfig:
     """torch.compile the model (minutes of compilation; pays off on long GPU runs)."""
     sanity_val_batches: int = 2
     """Validation batches run before the first epoch, so a broken evaluation fails in seconds."""
+    progress_interval_s: float = 30.0
+    """Seconds between in-epoch progress lines (step, loss, img/s) and step-loss points in MLflow; 0: none."""
     seed: int = 0
     """Seed of model initialization and of everything not seeded by the data config."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.sanity_val_batches >= 0, "train.sanity_val_batches", "must be >= 0")
+        _check(self.progress_interval_s >= 0, "train.progress_interval_s", "must be >= 0 seconds (0: off)")
 
 
 @dataclass(frozen=True)

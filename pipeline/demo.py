@@ -32,8 +32,10 @@ PRETRAIN_MODEL = "toy-resnet20"
 # Lines of a job's output worth showing while it runs (the rest is in its log).
 _SHOWN = re.compile(
     r"^(===|best |last epoch|checkpoints and|MLflow (parent )?run|registered |trial \d+:|epochs used|"
-    r"best config|pretrain: failed|finetune: failed|tune: failed|.*config error)"
+    r"best config|pretrain: failed|finetune: failed|tune: failed|.*config error|\[[\w.-]+\] +epoch \d+/)"
 )
+# Ray prefixes what a worker prints with its actor and pid: "(RayTrainWorker pid=123) [toy-resnet20] epoch 1/10 ..."
+_RAY_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\) ")
 # Ray's job server asks to retry while its agent starts, right after `ray start`.
 _AGENT_NOT_READY = "No available agent"
 
@@ -91,8 +93,9 @@ class Demo:
                 for line in process.stdout:
                     out.write(line)
                     lines.append(line)
-                    if _SHOWN.match(line):
-                        self.echo("    " + line.rstrip())
+                    shown = _RAY_PREFIX.sub("", line)
+                    if _SHOWN.match(shown):
+                        self.echo("    " + shown.rstrip())
                 rc = process.wait()
             output = "".join(lines)
             if rc != 0 and retry_on and retry_on in output and time.monotonic() < deadline:

@@ -230,7 +230,12 @@ def _retryable(error: BaseException) -> bool:
 
 
 # A peer that died mid-collective: gloo raises a plain RuntimeError naming its transport, not a DistError.
-_COLLECTIVE_FAILURE_MARKS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL")
+_COLLECTIVE_FAILURE_MARKS = (
+    "gloo/transport",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL",
+)
 
 
 def _short_error(error: BaseException) -> str:
@@ -284,11 +289,32 @@ def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> No
         _local_report_dir.append(directory)
 
 
+def _progress_printer(run_name: str) -> Callable[[str], None]:
+    """Rank 0's progress lines, named after the run: in a search, several trials print side by side."""
+
+    def emit(line: str) -> None:
+        print(f"[{run_name}] {line}", flush=True)
+
+    return emit
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every rank's every ``report`` at INFO, as a dict of all ~40 metrics
+    ("Reporting training result N: TrainingReport(...)"); the progress lines say what a person needs.
+    The logger is named after its file (``logging.getLogger(__file__)`` in Ray 2.60)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def pretrain_worker(loop_config: dict[str, Any]) -> None:
     """One DDP rank of a pre-training or fine-tuning run (the same loop): ``loop_config`` = {config,
     tracking_uri, run_id, run_name} plus, for fine-tuning, kind="finetune" and the source weights."""
     os.environ.update(_WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
+    _quiet_ray_reports()
     config_type = FinetuneConfig if loop_config.get("kind") == "finetune" else PretrainConfig
     cfg = from_dict(config_type, loop_config["config"])
     if cfg.data.multiprocessing_context == "fork" and cfg.data.loader_workers > 0:
@@ -339,6 +365,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         tracker=tracker,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
+        progress=_progress_printer(loop_config["run_name"]) if rank == 0 else None,
     )
     # The confusion matrix of the model that gets registered: the best epoch's evaluation, or (best epoch
     # before a restart) the restored weights once more - on every rank, as it is a collective, and every rank

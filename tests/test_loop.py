@@ -217,3 +217,50 @@ def test_inverse_class_weights_raise_minority_recall(tmp_path_factory):
         recalls[mode] = result.history[-1][f"val/recall/{rarest}"]
     # Measured (seeded, deterministic): recall of the rarest class 0.00 without weights, 0.48 with inverse.
     assert recalls["inverse"] > recalls["none"], recalls
+
+
+def test_progress_is_one_readable_line_per_epoch_plus_interval_lines(toy_shards):
+    import re
+    from dataclasses import replace
+
+    from pipeline.tracking.base import NullTracker
+
+    class Recorder(NullTracker):
+        def __init__(self):
+            self.logged: list[tuple[str, int]] = []
+
+        def log_metrics(self, metrics, step):
+            self.logged += [(key, step) for key in metrics]
+
+    torch.set_num_threads(1)
+    model, kw = _setup(toy_shards, epochs=2)
+    kw["train_cfg"] = replace(kw["train_cfg"], progress_interval_s=1e-6)  # a line after every step
+    lines: list[str] = []
+    tracker = Recorder()
+    fit(model, **kw, tracker=tracker, progress=lines.append)
+
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    shape = (
+        r"epoch (\d)/2  loss \d+\.\d{3}  top1 \d\.\d{3} \| val top1 \d\.\d{3}  bal \d\.\d{3} \| "
+        r"\d+ img/s  data \d+%  \d+\.\d s  eta \d+:\d\d"
+    )
+    assert [re.fullmatch(shape, line).group(1) for line in epoch_lines] == ["1", "2"], epoch_lines
+    assert epoch_lines[-1].endswith("eta 0:00")
+    steps = [line for line in lines if line.startswith("  epoch ")]
+    assert steps and all(
+        re.fullmatch(r"  epoch [12]/2  step \d+/20  loss \d+\.\d{3}  \d+ img/s", s) for s in steps
+    )
+    step_losses = [step for key, step in tracker.logged if key == "train/loss_step"]
+    assert step_losses == sorted(set(step_losses)) and step_losses[-1] == 40, "the global step, once each"
+
+    # 0 turns the interval lines (and step losses) off.
+    from pipeline.train.progress import StepProgress
+
+    quiet = StepProgress(
+        interval_s=0, emit=lines.append, log_step_loss=lambda *a: lines.append("x"), epochs=1
+    )
+    lines.clear()
+    quiet.start_epoch(0, 20)
+    for step in range(1, 21):
+        quiet.step(step_in_epoch=step, global_step=step, loss=torch.tensor(1.0), images=50)
+    assert lines == []

@@ -27,7 +27,6 @@ from pipeline.config import (
     PretrainConfig,
     ShardConfig,
     ToyConfig,
-    TuneConfig,
     deep_merge,
     load_config,
     read_yaml,
@@ -192,7 +191,10 @@ def test_every_experiment_base_recipe_is_a_shipped_recipe_covered_here():
     covered = {p.relative_to(REPO).as_posix() for p in PRETRAIN + FINETUNE}
     for experiment in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
         tree = read_yaml(experiment)
-        recipes = [tree["recipe"], *([tree["source"]["recipe"]] if "recipe" in tree.get("source", {}) else [])]
+        recipes = [
+            tree["recipe"],
+            *([tree["source"]["recipe"]] if "recipe" in tree.get("source", {}) else []),
+        ]
         for recipe in recipes:
             assert recipe in covered, f"{experiment.name}: base recipe {recipe} is not run by the smoke tests"
 
@@ -255,7 +257,9 @@ def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Pa
     factor = overrides["data.resolution"] / recipe.get("data", {}).get("resolution", 64)
     scaling = tree.get("space", {}).get("scaling", {})
     if scaling.get("mode") == "direct" and "values" in scaling.get("resolution", {}):
-        changes["space.scaling.resolution.values"] = [max(8, round(r * factor)) for r in scaling["resolution"]["values"]]
+        changes["space.scaling.resolution.values"] = [
+            max(8, round(r * factor)) for r in scaling["resolution"]["values"]
+        ]
     return changes
 
 
@@ -274,7 +278,11 @@ def test_searches_run_elsewhere_really_are():
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("path", [p for p in TUNE if p.stem not in RUN_ELSEWHERE], ids=_ids([p for p in TUNE if p.stem not in RUN_ELSEWHERE]))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in TUNE if p.stem not in RUN_ELSEWHERE],
+    ids=_ids([p for p in TUNE if p.stem not in RUN_ELSEWHERE]),
+)
 def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, capsys):
     from jobs.tune import main
 
@@ -307,7 +315,9 @@ def _search_runs(workdir: Path, experiment: str):
 
 
 @pytest.mark.ray
-def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(tiny_data, tmp_path, search_ray, capsys):
+def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(
+    tiny_data, tmp_path, search_ray, capsys
+):
     from jobs.tune import main
 
     toy = REPO / "configs" / "tune" / "toy_asha.yaml"
@@ -326,7 +336,9 @@ def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(tiny_data,
     assert parent.data.tags["search.failed_trials"] == "2 of 2"
     assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
     # Told apart from a lost worker: failed at once instead of after max_failures=2 restarts.
-    assert all("not retried" in c.data.tags["error"] for c in children), [c.data.tags["error"] for c in children]
+    assert all("not retried" in c.data.tags["error"] for c in children), [
+        c.data.tags["error"] for c in children
+    ]
     assert not client.search_registered_models("name='never-registered'")
 
 
@@ -349,7 +361,10 @@ def test_a_failed_trial_is_never_the_best_and_the_summary_says_why(tiny_data, tm
     assert by_index[0].info.status == "FAILED" and by_index[1].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best/trial"] == 1
-    assert parent.data.tags["search.failed_trials"] == "1 of 2" and "Kernel size" in parent.data.tags["search.first_error"]
+    assert (
+        parent.data.tags["search.failed_trials"] == "1 of 2"
+        and "Kernel size" in parent.data.tags["search.first_error"]
+    )
     assert "1 of 2 trials failed (never chosen as best); first: trial 0: " in out
     assert "trial 1: 2 epochs" in out and out.split("trial 1: ")[1].splitlines()[0].endswith("<- best")
 
@@ -364,8 +379,13 @@ def test_the_guard_stops_only_errors_a_restart_would_repeat():
     lost = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())
     retried = [
         {1: lost},  # a dead process or node
-        {0: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"), 1: lost},
-        {0: RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms")},  # its peer
+        {
+            0: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"),
+            1: lost,
+        },
+        {
+            0: RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms")
+        },  # its peer
         {0: ConnectionResetError("s3 read")},  # I/O that may work next time
         {0: __import__("torch").distributed.DistBackendError("NCCL communicator was aborted")},
     ]
@@ -379,7 +399,9 @@ def test_a_deterministic_error_in_local_mode_is_one_line_and_exit_1(tiny_data, t
     from jobs.pretrain import main
 
     recipe = REPO / "configs" / "pretrain" / "convnext_tiny_imagenet.yaml"
-    overrides = smoke_overrides(read_yaml(recipe), manifests=tiny_data["pretrain"], workdir=tmp_path, ray_workers=0)
+    overrides = smoke_overrides(
+        read_yaml(recipe), manifests=tiny_data["pretrain"], workdir=tmp_path, ray_workers=0
+    )
     code = main(["--config", str(recipe), *_argv(overrides), "data.resolution=8"])
     err = capsys.readouterr().err
     assert code == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,11 @@ def test_job_submit_stop_and_resume(stack, toy_pretrain_manifests, tmp_path):
     logs = jobs.get_job_logs("pretrain-resume")
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "=== pretrain toy:" in logs
+    # Progress a person can read in `ray job logs`: rank 0's line per epoch, no per-rank metric dicts.
+    assert re.search(
+        rf"\[toy\] epoch {JOB_EPOCHS}/{JOB_EPOCHS}  loss \d+\.\d+  top1 .* \| val top1 .* eta 0:00", logs
+    ), logs[-3000:]
+    assert "TrainingReport(" not in logs
 
     marker = json.loads((run_dir / "pipeline_run.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -260,6 +266,10 @@ def test_search_job_submit(stack, toy_pretrain_manifests, tmp_path):
     logs = jobs.get_job_logs("tune-job")
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "=== search job-search: 2 trials ===" in logs
+    assert {f"[trial-00{i}] epoch 1/1" for i in range(2)} <= set(
+        re.findall(r"\[trial-00\d\] epoch 1/1", logs)
+    )
+    assert "TrainingReport(" not in logs
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tune-toy").experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the parent and 2 trials

@@ -30,6 +30,7 @@ from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.early_stopping import EarlyStopping, agree
 from pipeline.train.metrics import classification_metrics, confusion_matrix
 from pipeline.train.optim import regularization_loss
+from pipeline.train.progress import StepProgress, epoch_line
 from pipeline.train.state import TrainState, capture_state, restore_state
 
 # Per-class recall/precision are logged up to this many classes (ImageNet's 1000 would be 2000 series).
@@ -76,6 +77,13 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -167,6 +175,7 @@ def fit(
     on_epoch_start: Callable[[int], None] | None = None,
     class_weights: torch.Tensor | None = None,
     class_names: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``model`` (possibly DDP-wrapped) for up to ``train_cfg.epochs`` epochs.
 
@@ -175,7 +184,9 @@ def fit(
     rank after each epoch with the resumable state, e.g. to report a checkpoint. ``on_epoch_start(epoch)``
     runs before each epoch, also the first one after a resume, e.g. to freeze or unfreeze the backbone by
     epoch (fine-tuning stages). ``class_weights`` weight the training loss per class (imbalanced data; the
-    validation loss stays unweighted); ``class_names`` name the per-class validation metrics.
+    validation loss stays unweighted); ``class_names`` name the per-class validation metrics. ``progress``
+    receives the human-readable lines (one per epoch, and one every ``train_cfg.progress_interval_s`` inside
+    an epoch): give it on one rank only.
     """
     tracker = tracker or NullTracker()
     net = unwrap(model)
@@ -227,6 +238,14 @@ def fit(
     watched = train_cfg.early_stopping.metric
     state = None
     weight = None if class_weights is None else class_weights.to(device)
+    steps = StepProgress(
+        interval_s=train_cfg.progress_interval_s,
+        emit=progress,
+        # The step-level loss, with the global step, at the same interval as the lines.
+        log_step_loss=lambda value, step: tracker.log_metrics({"train/loss_step": value}, step=step),
+        epochs=train_cfg.epochs,
+    )
+    epoch_seconds: list[float] = []
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         if on_epoch_start is not None:
@@ -238,7 +257,8 @@ def fit(
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         train_started = time.perf_counter()
-        for images, labels in meter.iterate(train_loader):
+        steps.start_epoch(epoch, _length(train_loader))
+        for step_in_epoch, (images, labels) in enumerate(meter.iterate(train_loader), start=1):
             x = normalize(images, device=device, channels_last=train_cfg.channels_last)
             y = labels.to(device, non_blocking=True)
             with _autocast(device, train_cfg):
@@ -256,6 +276,7 @@ def fit(
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(dim=1) == y).sum()
             seen += len(y)
+            steps.step(step_in_epoch=step_in_epoch, global_step=global_step, loss=loss, images=len(y))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # queued GPU work belongs to this epoch's training time
         train_seconds = max(time.perf_counter() - train_started, 1e-9)
@@ -283,6 +304,14 @@ def fit(
         stop = agree(decision.stop)
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
+        epoch_seconds.append(metrics["system/epoch_s"])
+        if progress is not None:
+            left = 0 if stop else train_cfg.epochs - epoch - 1
+            progress(
+                epoch_line(
+                    epoch, train_cfg.epochs, metrics, eta_s=left * sum(epoch_seconds) / len(epoch_seconds)
+                )
+            )
         state = snapshot(epoch + 1)
         if on_epoch_end is not None:
             # early_stop tells a caller (e.g. a search) why the run ended; it is not a tracked metric.
