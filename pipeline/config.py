@@ -563,6 +563,9 @@ class ScalingConfig:
     """One GPU per worker, nccl backend and bf16 autocast (train.amp=auto); false: CPU workers with gloo."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves per worker; size it to data.loader_workers + 1 on GPU nodes."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local directories every node of the cluster mounts (NFS, EFS, FSx): checkpoint, search and manifest
+    paths under them are accepted on a multi-node cluster, where other local paths are refused."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "scaling.num_workers", f"must be >= 0, got {self.num_workers}")
@@ -585,9 +588,9 @@ class ScalingConfig:
 class CheckpointConfig:
     """Where Ray Train writes per-epoch checkpoints and how a failure is recovered."""
 
-    storage_path: str = ".cache/ray_results"
-    """Local directory (made absolute) or s3://bucket/prefix shared by all nodes; use S3 or a shared file
-    system on multi-node clusters."""
+    storage_path: str | None = None
+    """s3://bucket/prefix or a local directory (made absolute); null: $PIPELINE_STORAGE_ROOT/checkpoints,
+    else .cache/ray_results. On a multi-node cluster a local path must lie under scaling.shared_paths."""
     name: str | None = None
     """Run directory under storage_path; null: pretrain-<model.name>. Deterministic, so --resume finds it."""
     num_to_keep: int = 2
@@ -740,8 +743,10 @@ class SearchConfig:
     """Seed of the candidate sampler."""
     name: str | None = None
     """Search directory under storage_path and MLflow parent run name; null: tune-<model.name>."""
-    storage_path: str = ".cache/ray_results"
-    """Local directory or s3:// URL holding the Tune experiment and each trial's Train checkpoints."""
+    storage_path: str | None = None
+    """s3:// URL or local directory holding the Tune experiment and every trial's Train checkpoints (trials
+    use this, not the recipe's checkpoint.storage_path); null: $PIPELINE_STORAGE_ROOT/tune, else
+    .cache/ray_results."""
 
     def __post_init__(self) -> None:
         _check(self.num_trials >= 1, "search.num_trials", f"must be >= 1, got {self.num_trials}")

@@ -110,6 +110,48 @@ def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bo
     )
 
 
+def require_cluster_storage(
+    locations: dict[str, str], scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bool = False
+) -> None:
+    """Refuse (ConfigError naming the field) a local path that a worker on another node would need.
+
+    Nodes of a real cluster share no disk: a checkpoint written to a local path stays on the GPU node that
+    wrote it (the driver on the head then finds none), and a local manifest exists only where it was made.
+    Such a path is accepted only when no worker can land elsewhere - one node that fits every worker - or
+    when it lies under ``scaling.shared_paths`` (a mount every node has). Runs right after connecting to
+    Ray, before any worker, trial or MLflow run is started.
+    """
+    from pipeline.data import storage
+
+    ensure_ray(scaling, concurrent=concurrent, trial_drivers=trial_drivers)
+    reason = _other_nodes_reason(scaling, concurrent=concurrent)
+    if reason is None:
+        return
+    for field_name, url in locations.items():
+        if url and not storage.is_s3(url) and not storage.under_any(url, scaling.shared_paths):
+            raise ConfigError(
+                f"{field_name}: {url} is a local path, but {reason}, and nodes do not share this node's disk; "
+                "use an s3:// URL (or set PIPELINE_STORAGE_ROOT=s3://... for the default locations), or "
+                "declare the shared mount it is on in scaling.shared_paths"
+            )
+
+
+def _other_nodes_reason(scaling: ScalingConfig, *, concurrent: int) -> str | None:
+    """Why workers may run on another node than this process (None when they cannot)."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        return f"this Ray cluster has {len(nodes)} nodes"
+    resources = nodes[0].get("Resources", {}) if nodes else {}
+    cpus = concurrent * scaling.num_workers * scaling.cpus_per_worker
+    gpus = concurrent * scaling.num_workers if scaling.use_gpu else 0
+    if resources.get("CPU", 0) < cpus or resources.get("GPU", 0) < gpus:
+        # The autoscaler will add nodes for the workers (the AWS launcher's head has no GPU).
+        return (
+            f"this node cannot hold the {concurrent * scaling.num_workers} workers, so the cluster adds nodes"
+        )
+    return None
+
+
 def _state_api_env(variable: str, value: str) -> dict[str, Any] | None:
     """Tell every worker of this job which cluster Ray's state API should ask.
 

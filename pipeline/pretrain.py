@@ -379,7 +379,18 @@ def run_training(
     weights to start from, ``tags`` = lineage): one loop, one launcher, one way to track and publish."""
     validated = validate(cfg)
     cfg = localize(cfg)
-    storage_path = absolute_storage(cfg.checkpoint.storage_path)
+    storage_path = absolute_storage(cfg.checkpoint.storage_path or storage.default_location("checkpoints"))
+    if cfg.scaling.num_workers > 0:  # local mode trains in this process: nothing leaves this machine
+        from pipeline.launch import require_cluster_storage
+
+        require_cluster_storage(
+            {
+                "data.train_manifest": cfg.data.train_manifest,
+                "data.val_manifest": cfg.data.val_manifest,
+                "checkpoint.storage_path": storage_path,
+            },
+            cfg.scaling,
+        )
     run_name = resolve_run_name(
         storage_path, cfg.checkpoint.name or f"{kind}-{cfg.model.name}", resume=resume
     )

@@ -101,3 +101,24 @@ def test_scientific_notation_is_a_number_in_yaml_and_overrides(tmp_path):
     recipe.write_text("weight_decay: 5e-4\nlr: 1e-1\n")
     cfg = load_config(OptimConfig, recipe, ["label_smoothing=1e-1"])
     assert (cfg.weight_decay, cfg.lr, cfg.label_smoothing) == (5e-4, 0.1, 0.1)
+
+
+def test_one_storage_root_sets_every_default_location(monkeypatch, tmp_path):
+    from pipeline.data.storage import STORAGE_ROOT_ENV, default_location, under_any
+
+    # The ImageNet recipes leave their locations to the root: a cluster user sets one value.
+    assert (
+        load_config(PretrainConfig, "configs/pretrain/resnet50_imagenet.yaml").checkpoint.storage_path is None
+    )
+    assert load_config(TuneConfig, "configs/tune/efficientnet_compound.yaml").search.storage_path is None
+    monkeypatch.delenv(STORAGE_ROOT_ENV, raising=False)
+    assert default_location("checkpoints") == ".cache/ray_results"
+    monkeypatch.setenv(STORAGE_ROOT_ENV, "s3://team-bucket/pipeline/")
+    assert default_location("checkpoints") == "s3://team-bucket/pipeline/checkpoints"
+    assert default_location("tune") == "s3://team-bucket/pipeline/tune"
+
+    (tmp_path / "efs" / "ckpt").mkdir(parents=True)
+    assert under_any(str(tmp_path / "efs" / "ckpt"), [str(tmp_path / "efs")])
+    assert under_any(str(tmp_path / "efs"), [str(tmp_path / "efs") + "/"])
+    assert not under_any(str(tmp_path / "efs-other"), [str(tmp_path / "efs")]), "a prefix is not a parent"
+    assert not under_any(str(tmp_path / "local"), [])

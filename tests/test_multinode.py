@@ -354,6 +354,9 @@ def test_two_epoch_pretrain_run_finishes_with_identical_replicas(two_node_cluste
             "train.epochs=2",
             "checkpoint.max_failures=0",
             "checkpoint.name=multinode",
+            # The simulated nodes run on one machine, so pytest's temporary directory is a mount they
+            # share; declared, the local manifests and checkpoints are accepted on this 2-node cluster.
+            f"scaling.shared_paths=[{tmp_path.parent}]",
         ],
     )
     assert (cfg.scaling.num_workers, cfg.scaling.cpus_per_worker) == (2, 1)
@@ -379,3 +382,57 @@ def test_two_epoch_pretrain_run_finishes_with_identical_replicas(two_node_cluste
 
     ran = {k: v for k, v in train_workers().items() if k not in before}
     assert len(ran) == 2 and len(set(ran.values())) == 2, f"workers' nodes: {ran}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Storage the whole cluster sees: local paths are refused on a multi-node cluster before anything starts
+
+
+def _refused(capsys, main, argv: list[str], field: str, tmp_path: Path) -> None:
+    import ray._private.state
+
+    actors_before = len(ray._private.state.actors())
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = next(line for line in err.splitlines() if "config error" in line)
+    assert line.split("config error: ")[1].startswith(f"{field}: "), line
+    assert "this Ray cluster has 2 nodes" in line and "s3://" in line and "scaling.shared_paths" in line
+    assert not (tmp_path / "mlflow.db").exists(), "refused before an MLflow run was opened"
+    assert len(ray._private.state.actors()) == actors_before, "refused before any worker or trial started"
+
+
+@pytest.mark.parametrize("field", ["data.train_manifest", "checkpoint.storage_path"])
+def test_local_pretrain_paths_are_refused_on_a_multinode_cluster(
+    field, two_node_cluster, multinode_data, tmp_path, capsys
+):
+    from jobs.pretrain import main
+
+    data_root = str(Path(multinode_data["train"]).parents[2])
+    shared = [] if field == "data.train_manifest" else [data_root]  # then only the checkpoints are local
+    argv = [
+        "--config",
+        RECIPE,
+        *toy_pretrain_overrides(multinode_data, tmp_path),
+        f"scaling.shared_paths=[{', '.join(shared)}]",
+    ]
+    _refused(capsys, main, argv, field, tmp_path)
+
+
+def test_local_search_storage_is_refused_on_a_multinode_cluster(
+    two_node_cluster, multinode_data, tmp_path, capsys
+):
+    from jobs.tune import main
+
+    data_root = str(Path(multinode_data["train"]).parents[2])
+    argv = [
+        "--config",
+        "configs/tune/toy_asha.yaml",
+        f"pretrain.data.train_manifest={multinode_data['train']}",
+        f"pretrain.data.val_manifest={multinode_data['val']}",
+        f"pretrain.scaling.shared_paths=[{data_root}]",
+        f"pretrain.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "search.max_concurrent_trials=1",
+        f"search.storage_path={tmp_path}/tune",
+    ]
+    _refused(capsys, main, argv, "search.storage_path", tmp_path)

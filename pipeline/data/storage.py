@@ -44,6 +44,28 @@ def is_s3(url: str) -> bool:
     return url.startswith(S3_SCHEME)
 
 
+STORAGE_ROOT_ENV = "PIPELINE_STORAGE_ROOT"
+LOCAL_DEFAULT = ".cache/ray_results"
+
+
+def default_location(kind: str) -> str:
+    """Where jobs keep ``kind`` (``checkpoints``, ``tune``) when the config leaves it null: under
+    ``$PIPELINE_STORAGE_ROOT`` (e.g. ``s3://my-bucket/pipeline``: one setting for every job on a cluster),
+    else ``.cache/ray_results`` on this machine."""
+    root = os.environ.get(STORAGE_ROOT_ENV, "").strip()
+    return join(root, kind) if root else LOCAL_DEFAULT
+
+
+def under_any(path: str, roots: list[str]) -> bool:
+    """True when the local ``path`` lies in one of the local directories ``roots`` (after resolving both)."""
+    resolved = os.path.realpath(os.path.expanduser(path))
+    for root in roots:
+        base = os.path.realpath(os.path.expanduser(root))
+        if resolved == base or resolved.startswith(base.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
 def join(url: str, *names: str) -> str:
     """Join path components the way the URL's storage expects (``/`` on S3, ``os.path.join`` locally)."""
     if is_s3(url):

@@ -196,7 +196,19 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
             validate_model(apply_overrides(base, overrides))
         except ConfigError as error:
             raise ConfigError(f"space (trial {index}): {error}") from None
-    storage_path = absolute_storage(cfg.search.storage_path)
+    storage_path = absolute_storage(cfg.search.storage_path or storage.default_location("tune"))
+    from pipeline.launch import require_cluster_storage
+
+    require_cluster_storage(
+        {
+            "pretrain.data.train_manifest": base.data.train_manifest,
+            "pretrain.data.val_manifest": base.data.val_manifest,
+            "search.storage_path": storage_path,
+        },
+        base.scaling,
+        concurrent=cfg.search.max_concurrent_trials,
+        trial_drivers=True,
+    )
     name = resolve_run_name(
         storage_path,
         cfg.search.name or f"tune-{base.model.name}",
