@@ -83,6 +83,17 @@ class StackConfig:
     def dashboard_url(self) -> str:
         return f"http://{HOST}:{self.dashboard_port}"
 
+    @property
+    def ray_token_path(self) -> Path:
+        """This stack's Ray authentication token (written by ``up``, readable by its owner only). Ray binds
+        its GCS, raylet, agent and client server to every interface whatever --node-ip-address says, so
+        the token is what keeps anyone who reaches the machine from running code on it."""
+        return Path(self.state_dir).resolve() / "ray_auth_token"
+
+    def ray_auth_headers(self) -> dict[str, str]:
+        """HTTP headers for the dashboard and job API (e.g. ``JobSubmissionClient(url, headers=...)``)."""
+        return {"Authorization": f"Bearer {self.ray_token_path.read_text().strip()}"}
+
     def client_env(self) -> dict[str, str]:
         """What a client process (the demo, a test, a user's shell) needs to use the stack."""
         return {
@@ -91,7 +102,12 @@ class StackConfig:
             **DUMMY_S3_ENV,
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "RAY_ADDRESS": self.dashboard_url,
+            **self.ray_auth_env(),
         }
+
+    def ray_auth_env(self) -> dict[str, str]:
+        """Ray's token authentication for a process: the CLI, ray.init and the jobs read the token file."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -165,9 +181,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def _http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback URL we built)
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (loopback URL we built)
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -254,7 +271,21 @@ class Stack:
         return _http_ok(f"{self.cfg.mlflow_uri}/health")
 
     def _ray_healthy(self) -> bool:
-        return _http_ok(f"{self.cfg.dashboard_url}/api/version")
+        if not self.cfg.ray_token_path.is_file():
+            return False
+        return _http_ok(f"{self.cfg.dashboard_url}/api/version", headers=self.cfg.ray_auth_headers())
+
+    def _ensure_ray_token(self) -> None:
+        """A random token for this stack's Ray, kept across restarts of the head (clients keep working)."""
+        path = self.cfg.ray_token_path
+        if path.is_file() and path.read_text().strip():
+            return
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
 
     def _start_s3(self, state: dict[str, Any]) -> None:
         self._check_port("S3 endpoint", self.cfg.s3_port, "--s3-port")
@@ -308,10 +339,10 @@ class Stack:
         self._check_port("Ray dashboard", self.cfg.dashboard_port, "--dashboard-port")
         # Ray's socket paths are length-limited: a short temp dir, recorded so `down` finds its daemons.
         temp_dir = tempfile.mkdtemp(prefix="pstack-", dir="/tmp")
+        self._ensure_ray_token()
         env = self._env("ray")
-        env.update(self.cfg.client_env())
+        env.update(self.cfg.client_env())  # with RAY_AUTH_MODE=token and the token file: auth stays on
         env.pop("RAY_ADDRESS")
-        env["RAY_AUTH_MODE"] = "disabled"  # loopback only; a real cluster keeps Ray's token auth
         cmd = [
             str(_BIN / "ray"),
             "start",

@@ -96,6 +96,34 @@ def test_up_is_idempotent_and_restarts_only_what_died(stack):
     assert all(stack.status().values())
 
 
+def test_the_stack_ray_refuses_clients_without_its_token(stack):
+    """Ray listens on non-loopback interfaces too (GCS, raylet, agent, client server): the token is the door.
+    The accepted path, `ray job submit` with the token, is every job test below."""
+    token_file = stack.cfg.ray_token_path
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.read_text().strip() not in json.dumps(stack.cfg.client_env()), (
+        "the token stays in its file"
+    )
+
+    jobs_api = f"{stack.cfg.dashboard_url}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(jobs_api, timeout=10)  # noqa: S310 (loopback)
+    assert refused.value.code in (401, 403)
+    request = urllib.request.Request(jobs_api, headers=stack.cfg.ray_auth_headers())
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        assert response.status == 200
+
+    # The GCS port, as a driver would connect: a wrong token and no token are both refused.
+    address = f"127.0.0.1:{stack.cfg.ray_port}"
+    connect = f"import ray; ray.init(address='{address}', log_to_driver=False); print('connected')"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+        result = subprocess.run(
+            [sys.executable, "-c", connect], env={**clean, **env}, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode != 0 and "connected" not in result.stdout, (env, result.stdout[-1000:])
+
+
 def test_port_taken_by_someone_else_is_a_clear_error(tmp_path):
     from pipeline.stack import StackError
 
@@ -153,7 +181,9 @@ def _submit(
     ]
     deadline = time.monotonic() + 90
     while True:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **stack.cfg.ray_auth_env()}
+        )
         if result.returncode == 0 or "No available agent" not in result.stderr or time.monotonic() > deadline:
             break
         time.sleep(2.0)  # right after `ray start` the job agent may not be up yet
@@ -168,7 +198,7 @@ def test_job_submit_stop_and_resume(stack, toy_pretrain_manifests, tmp_path):
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+    jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
     args = [
         *toy_pretrain_overrides(toy_pretrain_manifests, tmp_path),
         f"train.epochs={JOB_EPOCHS}",
@@ -198,6 +228,7 @@ def test_job_submit_stop_and_resume(stack, toy_pretrain_manifests, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **stack.cfg.ray_auth_env()},
     )
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert _wait_for(lambda: jobs.get_job_status("pretrain-first").is_terminal(), 60, "the stop")
@@ -247,7 +278,7 @@ def test_search_job_submit(stack, toy_pretrain_manifests, tmp_path):
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+    jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
     args = [
         f"pretrain.data.train_manifest={toy_pretrain_manifests['train']}",
         f"pretrain.data.val_manifest={toy_pretrain_manifests['val']}",
@@ -300,7 +331,7 @@ def test_workers_query_their_own_cluster_with_a_second_ray_instance_on_the_machi
             if line.startswith("probe:"):
                 break
         assert lines and lines[-1].strip() == "probe: ok", "".join(lines)[-3000:]
-        jobs = JobSubmissionClient(stack.cfg.dashboard_url)
+        jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
         _submit(stack, "state-probe", [], script="tests/ray_state_probe.py", config=None)
         status = _wait_job(jobs, "state-probe", 120)
         logs = jobs.get_job_logs("state-probe")
@@ -364,7 +395,7 @@ def test_pretrain_job_on_the_stack_survives_mlflow_going_down(stack, stack_env, 
         f"checkpoint.storage_path=s3://{cfg.bucket}/ray_results",
         "checkpoint.name=toy-stack",
     ]
-    jobs = JobSubmissionClient(cfg.dashboard_url)
+    jobs = JobSubmissionClient(cfg.dashboard_url, headers=cfg.ray_auth_headers())
 
     # 1. Submit; once epoch 0's metrics are in MLflow, kill the server.
     _submit(stack, "stack-pretrain", args)
