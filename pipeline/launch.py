@@ -409,6 +409,11 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         on_epoch_end=on_epoch_end,
         progress=_progress_printer(loop_config["run_name"]) if rank == 0 else None,
     )
+    if not result.history and result.state.history:
+        # Restored after its last epoch (killed while that epoch's checkpoint was being registered): nothing
+        # trains, so the final epoch's metrics are reported once more. A search would otherwise see this
+        # trial end without reporting its objective, and fail it (seen after a killed search was resumed).
+        ray.train.report({**result.state.history[-1], "resumed_after_end": 1.0})
     # The confusion matrix of the model that gets registered: the best epoch's evaluation, or (best epoch
     # before a restart) the restored weights once more - on every rank, as it is a collective, and every rank
     # agrees on whether it is needed because the best epoch is decided on all-reduced metrics.
