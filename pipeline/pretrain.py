@@ -72,7 +72,27 @@ def validate_model(cfg: PretrainConfig) -> str:
         raise ConfigError(
             f"model.stochastic_depth: the {spec.family} family has no stochastic depth; remove it"
         )
+    _check_resolution(cfg, arch)
     return arch
+
+
+def _check_resolution(cfg: PretrainConfig, arch: str) -> None:
+    """One forward pass on the meta device (shapes only, no arithmetic, ~0.1 s): an image too small for the
+    architecture's downsampling fails here with a clear message, not in every worker after Ray started."""
+    import torch
+
+    from pipeline.train.build import build_classifier
+
+    resolution = cfg.data.resolution
+    with torch.device("meta"):
+        model = build_classifier(cfg.model, num_classes=cfg.model.num_classes or 2).eval()
+        try:
+            model(torch.empty(1, 3, resolution, resolution))
+        except RuntimeError as error:
+            raise ConfigError(
+                f"data.resolution: {resolution} px is too small for {arch} ({str(error).splitlines()[0]}); "
+                "raise it"
+            ) from None
 
 
 def validate(cfg: PretrainConfig) -> Validated:

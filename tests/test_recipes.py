@@ -297,11 +297,11 @@ def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, cap
 
 
 # --------------------------------------------------------------------------------------------------------
-# A search tells the truth about failed trials. The failure is a real one, raised in the Train worker: a
-# ConvNeXt's third downsampling conv (2x2) meets a 1x1 map at 8 px ("Kernel size can't be greater than actual
-# input size"), a deterministic error that the launcher must not retry.
+# A search tells the truth about failed trials. The failure is a real one, raised in the Train worker by the
+# first optimizer step: a learning rate of 1e300 does not fit float32 parameters ("RuntimeError: value cannot
+# be converted to type float without overflow"), a deterministic error that the launcher must not retry.
 
-FAILING = ["pretrain.model.name=convnext_tiny", "pretrain.checkpoint.max_failures=2"]
+OVERFLOW_LR = "1.0e300"
 
 
 def _search_runs(workdir: Path, experiment: str):
@@ -321,13 +321,15 @@ def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(
     from jobs.tune import main
 
     toy = REPO / "configs" / "tune" / "toy_asha.yaml"
-    argv = _search_argv(toy, tiny_data, tmp_path, *FAILING, "pretrain.data.resolution=8")
+    space = f"space.extra={{optim.lr: {{type: fixed, values: [{OVERFLOW_LR}]}}}}"
+    argv = _search_argv(toy, tiny_data, tmp_path, space, "pretrain.checkpoint.max_failures=2")
     argv += ["pretrain.tracking.experiment=all-fail", "pretrain.tracking.register_as=never-registered"]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 1, err[-2000:]
     line = next(line for line in err.splitlines() if line.startswith("tune: failed:"))
-    assert "all 2 of 2 trials failed; first error (trial 0)" in line and "Kernel size" in line, line
+    assert "all 2 of 2 trials failed; first error (trial 0): rank 0 raised RuntimeError" in line, line
+    assert "overflow" in line and "not retried" in line, line
     assert len(line) < 500
     assert not list((tmp_path / "tune").rglob("best_config.yaml"))
 
@@ -336,9 +338,8 @@ def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(
     assert parent.data.tags["search.failed_trials"] == "2 of 2"
     assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
     # Told apart from a lost worker: failed at once instead of after max_failures=2 restarts.
-    assert all("not retried" in c.data.tags["error"] for c in children), [
-        c.data.tags["error"] for c in children
-    ]
+    errors = [c.data.tags["error"] for c in children]
+    assert all("RuntimeError" in e and "not retried" in e for e in errors), errors
     assert not client.search_registered_models("name='never-registered'")
 
 
@@ -347,24 +348,22 @@ def test_a_failed_trial_is_never_the_best_and_the_summary_says_why(tiny_data, tm
     from jobs.tune import main
 
     toy = REPO / "configs" / "tune" / "toy_asha.yaml"
-    # Trial 0 draws 8 px (fails in its worker), trial 1 32 px (trains): seed 1 of this space.
-    space = "space.extra={data.resolution: {type: choice, values: [8, 32]}}"
-    argv = _search_argv(toy, tiny_data, tmp_path, *FAILING, space, "search.seed=1")
-    argv += ["pretrain.tracking.experiment=some-fail", "search.scheduler=none"]
+    # Trial 0 draws the overflowing lr (fails in its worker), trial 1 a sane one (trains): seed 1.
+    space = f"space.extra={{optim.lr: {{type: choice, values: [{OVERFLOW_LR}, 1.0e-3]}}}}"
+    argv = _search_argv(toy, tiny_data, tmp_path, space, "search.seed=1", "search.scheduler=none")
+    argv += ["pretrain.tracking.experiment=some-fail"]
     code = main(argv)
     out = capsys.readouterr().out
     assert code == 0
     _, parent, children = _search_runs(tmp_path, "some-fail")
     by_index = {int(c.data.params["trial.index"]): c for c in children}
-    resolutions = {i: c.data.params["data.resolution"] for i, c in by_index.items()}
-    assert resolutions == {0: "8", 1: "32"}, resolutions
+    lrs = {i: float(c.data.params["optim.lr"]) for i, c in by_index.items()}
+    assert lrs == {0: float(OVERFLOW_LR), 1: 1.0e-3}, lrs
     assert by_index[0].info.status == "FAILED" and by_index[1].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best/trial"] == 1
-    assert (
-        parent.data.tags["search.failed_trials"] == "1 of 2"
-        and "Kernel size" in parent.data.tags["search.first_error"]
-    )
+    assert parent.data.tags["search.failed_trials"] == "1 of 2"
+    assert "overflow" in parent.data.tags["search.first_error"]
     assert "1 of 2 trials failed (never chosen as best); first: trial 0: " in out
     assert "trial 1: 2 epochs" in out and out.split("trial 1: ")[1].splitlines()[0].endswith("<- best")
 
@@ -395,7 +394,29 @@ def test_the_guard_stops_only_errors_a_restart_would_repeat():
         guard.after_exception(None, {0: KeyError("head"), 1: KeyError("head")})
 
 
-def test_a_deterministic_error_in_local_mode_is_one_line_and_exit_1(tiny_data, tmp_path, capsys):
+def test_local_mode_raises_the_training_error_as_a_launch_error(tmp_path):
+    """num_workers=0 runs the training function in this process (Ray Train's local mode, no Ray started):
+    its error reaches the job as one LaunchError, like a distributed run's."""
+    from pipeline.config import CheckpointConfig, ScalingConfig
+    from pipeline.launch import LaunchError, launch
+
+    def train_fn(config):
+        raise KeyError(config["missing"])
+
+    with pytest.raises(LaunchError, match="KeyError"):
+        launch(
+            train_fn,
+            loop_config={"missing": "head"},
+            scaling=ScalingConfig(num_workers=0),
+            checkpoint=CheckpointConfig(),
+            storage_path=str(tmp_path),
+            name="local",
+            metric="val/top1",
+            mode="max",
+        )
+
+
+def test_a_resolution_too_small_for_the_architecture_is_a_config_error(tiny_data, tmp_path, capsys):
     from jobs.pretrain import main
 
     recipe = REPO / "configs" / "pretrain" / "convnext_tiny_imagenet.yaml"
@@ -404,6 +425,6 @@ def test_a_deterministic_error_in_local_mode_is_one_line_and_exit_1(tiny_data, t
     )
     code = main(["--config", str(recipe), *_argv(overrides), "data.resolution=8"])
     err = capsys.readouterr().err
-    assert code == 1
-    failed = [line for line in err.splitlines() if line.startswith("pretrain: failed:")]
-    assert len(failed) == 1 and "RuntimeError" in failed[0] and "Kernel size" in failed[0], err[-1500:]
+    assert code == 2
+    assert "pretrain: config error: data.resolution: 8 px is too small for convnext_tiny" in err, err[-1500:]
+    assert not (tmp_path / "mlflow.db").exists(), "refused before an MLflow run was opened"

@@ -281,7 +281,7 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                 )
             )
             if child is not None:
-                _settle_child(tracking_uri, child.info.run_id, reason, trial.error)
+                _settle_child(tracking_uri, child.info.run_id, reason, summaries[-1].error)
         failed = [(s, t.error) for s, t in zip(summaries, results, strict=True) if s.stop_reason == "error"]
         if failed and tracker.run_id is not None:
             tracker.set_tags(
