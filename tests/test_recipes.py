@@ -323,20 +323,22 @@ def test_a_search_whose_trials_all_fail_exits_1_and_publishes_nothing(
     toy = REPO / "configs" / "tune" / "toy_asha.yaml"
     space = f"space.extra={{optim.lr: {{type: fixed, values: [{OVERFLOW_LR}]}}}}"
     argv = _search_argv(toy, tiny_data, tmp_path, space, "pretrain.checkpoint.max_failures=2")
-    argv += ["pretrain.tracking.experiment=all-fail", "pretrain.tracking.register_as=never-registered"]
+    # One trial is enough for "all failed" (the mixed case below has two).
+    argv += ["search.num_trials=1", "pretrain.tracking.experiment=all-fail"]
+    argv += ["pretrain.tracking.register_as=never-registered"]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 1, err[-2000:]
     line = next(line for line in err.splitlines() if line.startswith("tune: failed:"))
-    assert "all 2 of 2 trials failed; first error (trial 0): rank 0 raised RuntimeError" in line, line
+    assert "all 1 of 1 trials failed; first error (trial 0): rank 0 raised RuntimeError" in line, line
     assert "overflow" in line and "not retried" in line, line
     assert len(line) < 500
     assert not list((tmp_path / "tune").rglob("best_config.yaml"))
 
     client, parent, children = _search_runs(tmp_path, "all-fail")
     assert parent.info.status == "FAILED"
-    assert parent.data.tags["search.failed_trials"] == "2 of 2"
-    assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
+    assert parent.data.tags["search.failed_trials"] == "1 of 1"
+    assert len(children) == 1 and all(c.info.status == "FAILED" for c in children)
     # Told apart from a lost worker: failed at once instead of after max_failures=2 restarts.
     errors = [c.data.tags["error"] for c in children]
     assert all("RuntimeError" in e and "not retried" in e for e in errors), errors
