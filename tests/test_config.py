@@ -122,3 +122,13 @@ def test_one_storage_root_sets_every_default_location(monkeypatch, tmp_path):
     assert under_any(str(tmp_path / "efs"), [str(tmp_path / "efs") + "/"])
     assert not under_any(str(tmp_path / "efs-other"), [str(tmp_path / "efs")]), "a prefix is not a parent"
     assert not under_any(str(tmp_path / "local"), [])
+
+
+def test_the_demo_streams_progress_lines_without_rays_prefix():
+    from pipeline.demo import _RAY_PREFIX, _SHOWN
+
+    line = "(RayTrainWorker pid=812, ip=10.0.3.7) [toy-resnet20] epoch 3/10  loss 2.101  top1 0.214 | val top1 0.2"
+    shown = _RAY_PREFIX.sub("", line)
+    assert shown.startswith("[toy-resnet20] epoch 3/10") and _SHOWN.match(shown)
+    assert _SHOWN.match("[trial-001]   epoch 1/3  step 40/120  loss 2.250  480 img/s")
+    assert not _SHOWN.match(_RAY_PREFIX.sub("", "(RayTrainWorker pid=812) Reporting training result 3: ..."))
