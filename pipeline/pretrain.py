@@ -177,6 +177,30 @@ def manifest_digest(manifest: Manifest) -> str:
     return hashlib.sha256(storage.read_bytes(manifest_url(manifest.url))).hexdigest()
 
 
+def log_datasets(tracker: Any, validated: Validated) -> dict[str, str]:
+    """Both splits as the run's dataset inputs (MLflow's Datasets column): named after the manifest's
+    folder (``imagenet/train``), the manifest's sha256 as digest (first 16 hex digits; the full one is the
+    ``dataset.manifest_digest`` tag), its URL and counts. Returns the full digests by context."""
+    from pipeline.tracking.mlflow_tracker import redact_uri
+
+    digests = {}
+    for context, manifest in (("training", validated.train_manifest), ("validation", validated.val_manifest)):
+        digests[context] = manifest_digest(manifest)
+        tracker.log_dataset(
+            name="/".join(manifest_url(manifest.url).rstrip("/").split("/")[-3:-1]),
+            url=redact_uri(manifest_url(manifest.url)),
+            digest=digests[context][:16],
+            context=context,
+            profile={
+                "num_samples": manifest.num_samples,
+                "num_classes": manifest.num_classes,
+                "num_shards": len(manifest.shards),
+                "skipped": len(manifest.skipped),
+            },
+        )
+    return digests
+
+
 def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
     from pipeline.tracking.mlflow_tracker import redact_uri
     from pipeline.train.optim import scaled_lr
@@ -213,9 +237,10 @@ def _open_run(
     if tracker.run_id is None:
         return tracker
     model = build_classifier(cfg.model, num_classes=validated.num_classes)
+    digests = log_datasets(tracker, validated)
     tags = run_tags(
         cfg.data.train_manifest,
-        manifest_digest=manifest_digest(validated.train_manifest),
+        manifest_digest=digests["training"],
         arch=validated.arch,
         params=count_parameters(model),
         macs=count_macs(model, resolution=cfg.data.resolution),

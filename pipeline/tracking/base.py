@@ -22,6 +22,10 @@ class Tracker(Protocol):
 
     def log_history(self, history: list[dict[str, float]]) -> int: ...
 
+    def log_dataset(
+        self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]
+    ) -> None: ...
+
     def close(self, *, status: str = "FINISHED") -> None: ...
 
 
@@ -44,6 +48,9 @@ class NullTracker:
 
     def log_history(self, history: list[dict[str, float]]) -> int:
         return 0
+
+    def log_dataset(self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
+        pass
 
     def close(self, *, status: str = "FINISHED") -> None:
         pass
