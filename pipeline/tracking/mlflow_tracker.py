@@ -127,7 +127,9 @@ class MlflowTracker:
             self._client.set_tag(self._run(), key, str(value))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        """Log ``metrics`` at ``step`` (the epoch); a step a resumed run already has for a key is skipped."""
+        """Log ``metrics`` at ``step`` (the epoch); a step the run already has for a key is skipped - from
+        before a resume, or re-sent after a worker restart - so each (key, step) is logged once, first value
+        kept."""
         timestamp = int(time.time() * 1000)
         entries = [
             Metric(key, float(value), timestamp, step)
@@ -136,6 +138,8 @@ class MlflowTracker:
         ]
         if entries:
             self._client.log_batch(self._run(), metrics=entries)
+            for entry in entries:
+                self._stored_steps.setdefault(entry.key, set()).add(step)
 
     def log_history(self, history: Sequence[Mapping[str, float]]) -> int:
         """Log the epochs of ``history`` ({"epoch": e, metric: value, ...}) that the run does not hold yet,
