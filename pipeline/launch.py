@@ -40,8 +40,9 @@ from pipeline.config import (
     replace_fields,
 )
 from pipeline.errors import PipelineError
+from pipeline.tracking.base import MetricBuffer
 from pipeline.train.build import build_run, fit_run, replica_digests
-from pipeline.train.loop import PER_CLASS_METRICS_MAX, evaluate, unwrap
+from pipeline.train.loop import unwrap
 from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
 
 STATE_FILE = "state.pt"
@@ -178,11 +179,13 @@ def launch(
     metric: str,
     mode: str,
     callbacks: list[Any] | None = None,
+    tracking: TrackingCallback | None = None,
 ) -> LaunchResult:
     """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` DDP workers and wait for it.
 
     ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
-    ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial.
+    ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial;
+    ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side.
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -212,9 +215,10 @@ def launch(
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=checkpoint.max_failures),
-            callbacks=[DeterministicErrorGuard(), *(callbacks or [])],
+            callbacks=[DeterministicErrorGuard(), *([tracking] if tracking else []), *(callbacks or [])],
         ),
     )
+    _local_callbacks[:] = [tracking] if local and tracking else []
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
@@ -233,6 +237,79 @@ def launch(
     if local:  # Ray kept only a reference to report_epoch's directory; it was copied above
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return LaunchResult(checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=run_path)
+
+
+TRACKED_KEY = "tracked_points"
+"""Report key of the JSON list of [metric, step, value] points rank 0 logged since the previous report."""
+
+
+class TrackingCallback(ray.train.UserCallback):
+    """Logs what the workers report into the run's MLflow record, from Ray Train's controller.
+
+    The controller runs on the node of the process that called ``fit()`` (Ray pins it there), i.e. beside the
+    driver, so a tracking URI the driver can use - a local sqlite file included - works here too, and no
+    worker ever needs to reach the store. A report arrives once its checkpoint is stored, so an epoch is
+    logged exactly when it can no longer be re-run by a restart; points a resumed run already holds are
+    skipped. Tracking failures never end training: the tracker drops calls while the server is away (the
+    driver back-fills the epochs from the checkpoint's history at the end, or on ``--resume``).
+    """
+
+    def __init__(self, *, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._tracker = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        points = json.loads(metrics[0].get(TRACKED_KEY) or "[]") if metrics else []
+        if not points:
+            return
+        try:
+            log_points(self._open(), points)
+        except (
+            Exception
+        ) as error:  # an exception here would end the run (a controller error): never for tracking
+            print(
+                f"tracking: could not log epoch metrics ({type(error).__name__}: {error}); training goes on"
+            )
+
+    def _open(self):
+        if self._tracker is None:
+            from pipeline.tracking.mlflow_tracker import MlflowTracker, TolerantTracker, redact_uri
+
+            os.environ.update(_WORKER_ENV)
+            self._tracker = TolerantTracker(
+                _LazyRun(
+                    lambda: MlflowTracker(
+                        tracking_uri=self.tracking_uri, experiment="", run_name="", run_id=self.run_id
+                    )
+                ),
+                where=redact_uri(self.tracking_uri),
+            )
+        return self._tracker
+
+
+class _LazyRun:
+    """Opens the tracker on first use and again after a failed open (the server may be down at first)."""
+
+    def __init__(self, open_run: Callable[[], Any]) -> None:
+        self._open_run, self._inner = open_run, None
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self._inner is None else self._inner.run_id
+
+    def __getattr__(self, name: str) -> Any:
+        if self._inner is None:
+            self._inner = self._open_run()
+        return getattr(self._inner, name)
+
+
+def log_points(tracker: Any, points: list[list]) -> None:
+    """Log reported ``[metric, step, value]`` points, one ``log_metrics`` call per step."""
+    from pipeline.tracking.base import points_by_step
+
+    for step, values in sorted(points_by_step(points).items()):
+        tracker.log_metrics(values, step=step)
 
 
 class DeterministicErrorGuard(ray.train.UserCallback):
@@ -305,23 +382,35 @@ _local_report_dir: list[str] = []
 """Local mode's last reported checkpoint directory: Ray keeps only a reference to it (launch copies it)."""
 
 
-def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> None:
+_local_callbacks: list[Any] = []
+"""Local mode calls no Ray Train callbacks: :func:`report_epoch` hands its reports to these itself."""
+
+
+def report_epoch(
+    state: TrainState,
+    metrics: dict[str, Any],
+    *,
+    rank: int,
+    tracked: list[tuple[str, int, float]] | None = None,
+) -> None:
     """``ray.train.report`` on every rank (it is a barrier); only rank 0 writes the state file. Ray copies
     the directory to storage during the call, so it is removed after; in local mode (no storage, Ray only
-    keeps a reference) the newest one stays until :func:`launch` has copied it."""
+    keeps a reference) the newest one stays until :func:`launch` has copied it. ``tracked``: the metric
+    points rank 0's loop logged since the last report, for the driver side to log (:data:`TRACKED_KEY`)."""
     from ray.train.v2.api.context import LocalTrainContext
 
     local = isinstance(ray.train.get_context(), LocalTrainContext)
     epoch = state.epoch - 1
+    report = {**metrics, "epoch": epoch}
+    if tracked:
+        report[TRACKED_KEY] = json.dumps(tracked)  # a string: Tune's loggers choke on nested lists
     directory = tempfile.mkdtemp(prefix="pipeline-report-")
     try:
         checkpoint = None
         if rank == 0:
             save_checkpoint(state, Path(directory) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(
-            {**metrics, "epoch": epoch}, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}"
-        )
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
     finally:
         if not local:
             shutil.rmtree(directory, ignore_errors=True)
@@ -329,6 +418,8 @@ def report_epoch(state: TrainState, metrics: dict[str, Any], *, rank: int) -> No
         while _local_report_dir:
             shutil.rmtree(_local_report_dir.pop(), ignore_errors=True)
         _local_report_dir.append(directory)
+        for callback in _local_callbacks:
+            callback.after_report(None, [report], None)
 
 
 def _progress_printer(run_name: str) -> Callable[[str], None]:
@@ -353,7 +444,8 @@ def _quiet_ray_reports() -> None:
 
 def pretrain_worker(loop_config: dict[str, Any]) -> None:
     """One DDP rank of a pre-training or fine-tuning run (the same loop): ``loop_config`` = {config,
-    tracking_uri, run_id, run_name} plus, for fine-tuning, kind="finetune" and the source weights."""
+    run_name} plus, for fine-tuning, kind="finetune" and the source weights. No tracking address: what the
+    run records travels with its reports."""
     os.environ.update(_WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
     _quiet_ray_reports()
@@ -377,34 +469,27 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     )
     if cfg.train.compile:
         model = torch.compile(model)
-    tracker = None
-    if rank == 0 and loop_config.get("run_id"):
-        from pipeline.tracking.mlflow_tracker import TolerantTracker, open_tracker, redact_uri
-
-        # Reachable now (checked by the driver too); if it goes away mid-run, training must not stop.
-        tracker = TolerantTracker(
-            open_tracker(
-                uri=loop_config["tracking_uri"],
-                experiment=cfg.tracking.experiment,
-                run_name=loop_config["run_name"],
-                required=cfg.tracking.required,
-                run_id=loop_config["run_id"],
-            ),
-            where=redact_uri(loop_config["tracking_uri"] or "the default store"),
-        )
+    # Workers never talk to MLflow: rank 0's loop logs into a buffer that each report carries to the
+    # driver's side (TrackingCallback in Ray Train's controller, or the search's Tune callback).
+    buffer = MetricBuffer() if rank == 0 else None
 
     def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
         # Every epoch: replicas must be bit-identical, or rank 0's checkpoint is not the model that trained.
         digests = replica_digests(unwrap(model))
         # A string, not a list: Tune's TensorBoard logger warns about list values.
-        report_epoch(state, {**metrics, "param_digests": ",".join(d[:16] for d in digests)}, rank=rank)
+        report_epoch(
+            state,
+            {**metrics, "param_digests": ",".join(d[:16] for d in digests)},
+            rank=rank,
+            tracked=buffer.drain() if buffer is not None else None,
+        )
 
     result = fit_run(
         parts,
         cfg,
         device=device,
         model=model,
-        tracker=tracker,
+        tracker=buffer,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
         progress=_progress_printer(loop_config["run_name"]) if rank == 0 else None,
@@ -414,22 +499,3 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         # trains, so the final epoch's metrics are reported once more. A search would otherwise see this
         # trial end without reporting its objective, and fail it (seen after a killed search was resumed).
         ray.train.report({**result.state.history[-1], "resumed_after_end": 1.0})
-    # The confusion matrix of the model that gets registered: the best epoch's evaluation, or (best epoch
-    # before a restart) the restored weights once more - on every rank, as it is a collective, and every rank
-    # agrees on whether it is needed because the best epoch is decided on all-reduced metrics.
-    final = result.best_eval or evaluate(model, parts.val_loader, device=device, cfg=cfg.train)
-    if (
-        tracker is not None
-        and final.confusion is not None
-        and final.confusion.shape[0] <= PER_CLASS_METRICS_MAX
-    ):
-        from pipeline.train.metrics import plot_confusion_matrix
-
-        with tempfile.TemporaryDirectory(prefix="pipeline-cm-") as directory:
-            figure = plot_confusion_matrix(
-                final.confusion,
-                parts.train_manifest.classes,
-                Path(directory) / "confusion_matrix.png",
-                title=f"best epoch, balanced accuracy {final.metrics().get('val/balanced_acc', float('nan')):.3f}",
-            )
-            tracker.log_artifact(figure, artifact_path="plots")

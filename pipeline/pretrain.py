@@ -177,6 +177,30 @@ def manifest_digest(manifest: Manifest) -> str:
     return hashlib.sha256(storage.read_bytes(manifest_url(manifest.url))).hexdigest()
 
 
+def log_datasets(tracker: Any, validated: Validated) -> dict[str, str]:
+    """Both splits as the run's dataset inputs (MLflow's Datasets column): named after the manifest's
+    folder (``imagenet/train``), the manifest's sha256 as digest (first 16 hex digits; the full one is the
+    ``dataset.manifest_digest`` tag), its URL and counts. Returns the full digests by context."""
+    from pipeline.tracking.mlflow_tracker import redact_uri
+
+    digests = {}
+    for context, manifest in (("training", validated.train_manifest), ("validation", validated.val_manifest)):
+        digests[context] = manifest_digest(manifest)
+        tracker.log_dataset(
+            name="/".join(manifest_url(manifest.url).rstrip("/").split("/")[-3:-1]),
+            url=redact_uri(manifest_url(manifest.url)),
+            digest=digests[context][:16],
+            context=context,
+            profile={
+                "num_samples": manifest.num_samples,
+                "num_classes": manifest.num_classes,
+                "num_shards": len(manifest.shards),
+                "skipped": len(manifest.skipped),
+            },
+        )
+    return digests
+
+
 def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
     from pipeline.tracking.mlflow_tracker import redact_uri
     from pipeline.train.optim import scaled_lr
@@ -213,9 +237,10 @@ def _open_run(
     if tracker.run_id is None:
         return tracker
     model = build_classifier(cfg.model, num_classes=validated.num_classes)
+    digests = log_datasets(tracker, validated)
     tags = run_tags(
         cfg.data.train_manifest,
-        manifest_digest=manifest_digest(validated.train_manifest),
+        manifest_digest=digests["training"],
         arch=validated.arch,
         params=count_parameters(model),
         macs=count_macs(model, resolution=cfg.data.resolution),
@@ -367,6 +392,20 @@ def publish_model(
             tracker.tracking_uri, tracker.run_id, Path(scratch) / "learning_curves.png"
         )
         tracker.log_artifact(plot, artifact_path="plots")
+        if state.get("best_confusion"):  # the registered weights' evaluation, kept in the checkpoint
+            import torch
+
+            from pipeline.train.metrics import classification_metrics, plot_confusion_matrix
+
+            confusion = torch.tensor(state["best_confusion"])
+            balanced = classification_metrics(confusion)["balanced_acc"]
+            figure = plot_confusion_matrix(
+                confusion,
+                validated.train_manifest.classes,
+                Path(scratch) / "confusion_matrix.png",
+                title=f"best epoch, balanced accuracy {balanced:.3f}",
+            )
+            tracker.log_artifact(figure, artifact_path="plots")
         if not cfg.tracking.register_as:
             return None
         from pipeline.tracking.mlflow_tracker import register_model
@@ -426,27 +465,23 @@ def run_training(
     _write_marker(run_url, tracker.run_id, tracking_uri, cfg)
     status = "FAILED"
     try:
-        from pipeline.launch import STATE_FILE, launch, pretrain_worker
+        from pipeline.launch import STATE_FILE, TrackingCallback, launch, pretrain_worker
         from pipeline.tracking.base import NullTracker
         from pipeline.tracking.mlflow_tracker import TRACKING_FAILURES, TrackingError, redact_uri
         from pipeline.train.state import load_checkpoint
 
         result = launch(
             pretrain_worker,
-            loop_config={
-                "config": to_dict(cfg),
-                "tracking_uri": tracking_uri,
-                "run_id": tracker.run_id,
-                "run_name": run_name,
-                "kind": kind,
-                "source": source,
-            },
+            loop_config={"config": to_dict(cfg), "run_name": run_name, "kind": kind, "source": source},
             scaling=cfg.scaling,
             checkpoint=cfg.checkpoint,
             storage_path=storage_path,
             name=run_name,
             metric=cfg.train.early_stopping.metric,
             mode=cfg.train.early_stopping.mode,
+            tracking=TrackingCallback(tracking_uri=tracking_uri, run_id=tracker.run_id)
+            if tracker.run_id is not None
+            else None,
         )
         state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
         export_url = storage.join(run_url, EXPORT_DIR)

@@ -222,6 +222,14 @@ def test_recipe_runs_end_to_end_with_its_own_flags(path, tiny_data, workdir):
     assert steps == list(range(SMOKE_EPOCHS))
     assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert run.data.params["train.channels_last"] == str(cfg.train.channels_last)
+    # Dataset lineage in the UI's Datasets column: both splits, named and digested.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    split = "downstream" if path.parent.name == "finetune" else "pretrain"
+    assert {c: d.name for c, d in inputs.items()} == {
+        "training": f"{split}/train",
+        "validation": f"{split}/val",
+    }
+    assert run.data.tags["dataset.manifest_digest"].startswith(inputs["training"].digest)
     if cfg.tracking.register_as:
         assert outcome.registration is not None and outcome.registration.name == cfg.tracking.register_as
 

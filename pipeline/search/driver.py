@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.pretrain import (
     absolute_storage,
     localize,
+    log_datasets,
     publish_model,
     resolve_run_name,
     validate,
@@ -227,6 +228,7 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
     )
     tracking_uri = getattr(tracker, "tracking_uri", None)
     if tracker.run_id is not None:
+        log_datasets(tracker, validated)
         tracker.set_tags({"pipeline.job": "tune", "pipeline.search_url": search_url})
         tracker.log_params(flatten_params({"search": to_dict(cfg.search), "space": to_dict(cfg.space)}))
         tracker.log_params({"recipe": cfg.recipe, "search.max_epochs": max_epochs})

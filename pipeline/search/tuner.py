@@ -13,13 +13,14 @@ its own last epoch checkpoint rather than from scratch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 
 from pipeline.config import PretrainConfig, SearchConfig, from_dict, to_dict
-from pipeline.launch import ensure_ray, launch, pretrain_worker
+from pipeline.launch import TRACKED_KEY, ensure_ray, launch, log_points, pretrain_worker
 from pipeline.search.space import apply_overrides
 
 TRIAL_TAG = "tune.trial_id"
@@ -38,34 +39,16 @@ class TrialResult:
 
 
 def trial_fn(config: dict[str, Any], spec: dict[str, Any]) -> None:
-    """One trial: apply its candidate to the base config, open its nested MLflow run, train with DDP."""
+    """One trial: apply its candidate to the base config and train with DDP. It never talks to MLflow: its
+    reports reach Tune through ``TuneReportCallback``, and :class:`TrialRuns` logs them on the driver."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     index, overrides = config["trial"]["index"], config["trial"]["overrides"]
     cfg = apply_overrides(from_dict(PretrainConfig, spec["base"]), overrides)
-    run_id = None
-    if spec["parent_run_id"]:
-        from pipeline.tracking.mlflow_tracker import child_tracker
-
-        child = child_tracker(
-            tracking_uri=spec["tracking_uri"],
-            parent_run_id=spec["parent_run_id"],
-            key_tag=TRIAL_TAG,
-            key=trial_id,
-            run_name=f"trial-{index:03d}",
-        )
-        child.log_params({"trial.index": index, **overrides})
-        child.set_tags({"stop_reason": "running"})
-        run_id = child.run_id
     launch(
         pretrain_worker,
-        loop_config={
-            "config": to_dict(cfg),
-            "tracking_uri": spec["tracking_uri"],
-            "run_id": run_id,
-            "run_name": f"trial-{index:03d}",
-        },
+        loop_config={"config": to_dict(cfg), "run_name": f"trial-{index:03d}"},
         scaling=cfg.scaling,
         checkpoint=cfg.checkpoint,
         storage_path=spec["train_storage"],
@@ -74,6 +57,52 @@ def trial_fn(config: dict[str, Any], spec: dict[str, Any]) -> None:
         mode=cfg.train.early_stopping.mode,
         callbacks=[TuneReportCallback()],
     )
+
+
+class TrialRuns(tune.Callback):
+    """Each trial's nested MLflow run, written from the search's driver process (where Tune runs its
+    callbacks): created when the trial starts (or found again after a restart or ``--resume``, by its
+    ``tune.trial_id`` tag), then every reported epoch's metric points. Trials may run on any node; only
+    the driver needs the tracking store."""
+
+    def __init__(self, *, tracking_uri: str, parent_run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self._runs: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
+        return {**self.__dict__, "_runs": {}}
+
+    def _run(self, trial) -> Any:
+        if trial.trial_id not in self._runs:
+            from pipeline.tracking.mlflow_tracker import TolerantTracker, child_tracker, redact_uri
+
+            index, overrides = trial.config["trial"]["index"], trial.config["trial"]["overrides"]
+            child = child_tracker(
+                tracking_uri=self.tracking_uri,
+                parent_run_id=self.parent_run_id,
+                key_tag=TRIAL_TAG,
+                key=trial.trial_id,
+                run_name=f"trial-{index:03d}",
+            )
+            child.log_params({"trial.index": index, **overrides})
+            child.set_tags({"stop_reason": "running"})
+            self._runs[trial.trial_id] = TolerantTracker(child, where=redact_uri(self.tracking_uri))
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._guarded(lambda: self._run(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        points = json.loads(result.get(TRACKED_KEY) or "[]")
+        if points:
+            self._guarded(lambda: log_points(self._run(trial), points))
+
+    def _guarded(self, call) -> None:
+        try:
+            call()
+        except Exception as error:  # a failing tracking store must not fail the search
+            print(f"tracking: could not record a trial ({type(error).__name__}: {error}); the search goes on")
 
 
 def _scheduler(search: SearchConfig, *, max_epochs: int):
@@ -133,6 +162,9 @@ def run_trials(
                 # Worker failures are retried inside each Train run; a trial that still fails stays failed.
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
+                callbacks=[TrialRuns(tracking_uri=spec["tracking_uri"], parent_run_id=spec["parent_run_id"])]
+                if spec["parent_run_id"]
+                else [],
             ),
         )
     grid = tuner.fit()

@@ -22,6 +22,10 @@ class Tracker(Protocol):
 
     def log_history(self, history: list[dict[str, float]]) -> int: ...
 
+    def log_dataset(
+        self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]
+    ) -> None: ...
+
     def close(self, *, status: str = "FINISHED") -> None: ...
 
 
@@ -45,5 +49,34 @@ class NullTracker:
     def log_history(self, history: list[dict[str, float]]) -> int:
         return 0
 
+    def log_dataset(self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
+        pass
+
     def close(self, *, status: str = "FINISHED") -> None:
         pass
+
+
+class MetricBuffer(NullTracker):
+    """The tracker of a training worker: it keeps the metric points the loop logs until the next report
+    carries them to the driver's side, the only place that talks to MLflow (workers on a cluster may not
+    reach the tracking store: a local sqlite file exists only on the driver's node)."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+        self._points: list[tuple[str, int, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        self._points.extend((key, int(step), float(value)) for key, value in metrics.items())
+
+    def drain(self) -> list[tuple[str, int, float]]:
+        """The points logged since the last call, oldest first."""
+        points, self._points = self._points, []
+        return points
+
+
+def points_by_step(points: list[tuple[str, int, float]] | list[list]) -> dict[int, dict[str, float]]:
+    """``[(key, step, value), ...]`` -> ``{step: {key: value}}``, for ``Tracker.log_metrics``."""
+    grouped: dict[int, dict[str, float]] = {}
+    for key, step, value in points:
+        grouped.setdefault(int(step), {})[str(key)] = float(value)
+    return grouped

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib.metadata
+import json
 import math
 import os
 import subprocess
@@ -126,7 +127,9 @@ class MlflowTracker:
             self._client.set_tag(self._run(), key, str(value))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        """Log ``metrics`` at ``step`` (the epoch); a step a resumed run already has for a key is skipped."""
+        """Log ``metrics`` at ``step`` (the epoch); a step the run already has for a key is skipped - from
+        before a resume, or re-sent after a worker restart - so each (key, step) is logged once, first value
+        kept."""
         timestamp = int(time.time() * 1000)
         entries = [
             Metric(key, float(value), timestamp, step)
@@ -135,6 +138,8 @@ class MlflowTracker:
         ]
         if entries:
             self._client.log_batch(self._run(), metrics=entries)
+            for entry in entries:
+                self._stored_steps.setdefault(entry.key, set()).add(step)
 
     def log_history(self, history: Sequence[Mapping[str, float]]) -> int:
         """Log the epochs of ``history`` ({"epoch": e, metric: value, ...}) that the run does not hold yet,
@@ -151,6 +156,23 @@ class MlflowTracker:
         for start in range(0, len(missing), 1000):  # MLflow's log_batch limit
             self._client.log_batch(self._run(), metrics=missing[start : start + 1000])
         return len(missing)
+
+    def log_dataset(self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
+        """Dataset lineage (``mlflow.log_input``'s record, for a run we hold by id): the UI's Datasets
+        column shows ``name`` and ``digest``, with the source URL and ``profile`` (counts) one click away.
+        Logging the same dataset again (a resumed run) adds nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest,
+            source_type="s3" if url.startswith("s3://") else "local",
+            source=json.dumps({"uri": url}),
+            profile=json.dumps(profile),
+        )
+        self._client.log_inputs(
+            self._run(), datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self._run(), text, artifact_file)
@@ -246,6 +268,14 @@ class TolerantTracker:
         added: list[int] = []
         self._call("back-filling epochs", lambda: added.append(self.inner.log_history(history)))
         return added[0] if added else 0
+
+    def log_dataset(self, *, name: str, url: str, digest: str, context: str, profile: dict[str, Any]) -> None:
+        self._call(
+            f"dataset {name}",
+            lambda: self.inner.log_dataset(
+                name=name, url=url, digest=digest, context=context, profile=profile
+            ),
+        )
 
     def close(self, *, status: str = "FINISHED") -> None:
         self._call("closing the run", lambda: self.inner.close(status=status))

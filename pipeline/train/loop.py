@@ -191,13 +191,14 @@ def fit(
     tracker = tracker or NullTracker()
     net = unwrap(model)
     stopper = EarlyStopping(train_cfg.early_stopping)
-    start_epoch, global_step, best_model = 0, 0, None
+    start_epoch, global_step, best_model, best_confusion = 0, 0, None, None
     history: list[dict[str, float]] = []  # all epochs, restored ones included (they go into the state)
     if resume is not None:
         state = restore_state(
             resume, model=net, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper
         )
         start_epoch, global_step, best_model = state.epoch, state.global_step, state.best_model
+        best_confusion = state.best_confusion
         history = list(state.history)
         for entry in history:
             # Steps the tracker already holds are skipped: this only fills epochs it missed (server down).
@@ -231,6 +232,7 @@ def fit(
             tracking_run_id=tracker.run_id,
             best_model=best_model,
             history=history,
+            best_confusion=best_confusion,
         )
 
     best_eval: EvalResult | None = None
@@ -301,6 +303,8 @@ def fit(
         if decision.improved:
             best_model = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
             best_eval = val
+            if val.confusion is not None and val.confusion.shape[0] <= PER_CLASS_METRICS_MAX:
+                best_confusion = val.confusion.tolist()
         stop = agree(decision.stop)
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})

@@ -58,6 +58,9 @@ class TrainState:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     """Every completed epoch's metrics ({"epoch": e, ...}): a resumed run re-logs the epochs its tracker
     missed (e.g. while the tracking server was down), so the record is complete once it is back."""
+    best_confusion: list[list[int]] | None = None
+    """The best epoch's validation confusion matrix ([true][predicted] counts, up to 50 classes): the driver
+    plots it for the registered model, even when that epoch came before a restart."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -111,6 +114,7 @@ def capture_state(
     tracking_run_id: str | None = None,
     best_model: dict[str, torch.Tensor] | None = None,
     history: list[dict[str, float]] | None = None,
+    best_confusion: list[list[int]] | None = None,
 ) -> TrainState:
     """Snapshot the live objects and the RNGs (call it at an epoch boundary, ``epoch`` = next epoch).
 
@@ -130,6 +134,7 @@ def capture_state(
         tracking_run_id=tracking_run_id,
         best_model=best_model,
         history=list(history or []),
+        best_confusion=best_confusion,
     )
 
 
