@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -448,6 +449,10 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     run records travels with its reports."""
     os.environ.update(_WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
+    # Workers never talk to the tracking store (on a cluster it may be a file on the driver's node): any
+    # import of mlflow in a worker process now fails at once, naming itself. In local mode the worker is the
+    # driver's own process, where mlflow is already imported and stays usable.
+    sys.modules.setdefault("mlflow", None)
     _quiet_ray_reports()
     config_type = FinetuneConfig if loop_config.get("kind") == "finetune" else PretrainConfig
     cfg = from_dict(config_type, loop_config["config"])

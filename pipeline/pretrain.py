@@ -439,7 +439,16 @@ def run_training(
     validated = validate(cfg)
     cfg = localize(cfg)
     storage_path = absolute_storage(cfg.checkpoint.storage_path or storage.default_location("checkpoints"))
+    run_name = resolve_run_name(
+        storage_path, cfg.checkpoint.name or f"{kind}-{cfg.model.name}", resume=resume
+    )
+    run_url = storage.join(storage_path, run_name)
+    previous = _read_marker(run_url) if resume else {}
+    check_resumable(cfg, previous)
     if cfg.scaling.num_workers > 0:  # local mode trains in this process: nothing leaves this machine
+        from pipeline.tracking.mlflow_tracker import ensure_reachable
+
+        ensure_reachable(cfg.tracking.uri, required=cfg.tracking.required)  # before Ray, like bad input
         from pipeline.launch import require_cluster_storage
 
         require_cluster_storage(
@@ -450,12 +459,6 @@ def run_training(
             },
             cfg.scaling,
         )
-    run_name = resolve_run_name(
-        storage_path, cfg.checkpoint.name or f"{kind}-{cfg.model.name}", resume=resume
-    )
-    run_url = storage.join(storage_path, run_name)
-    previous = _read_marker(run_url) if resume else {}
-    check_resumable(cfg, previous)
     tracker = _open_run(
         cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id"), kind=kind
     )

@@ -198,6 +198,15 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
         except ConfigError as error:
             raise ConfigError(f"space (trial {index}): {error}") from None
     storage_path = absolute_storage(cfg.search.storage_path or storage.default_location("tune"))
+    name = resolve_run_name(
+        storage_path,
+        cfg.search.name or f"tune-{base.model.name}",
+        resume=resume,
+        markers=(SEARCH_MARKER, "tuner.pkl"),
+    )
+    from pipeline.tracking.mlflow_tracker import ensure_reachable
+
+    ensure_reachable(base.tracking.uri, required=base.tracking.required)  # before Ray, like bad input
     from pipeline.launch import require_cluster_storage
 
     require_cluster_storage(
@@ -209,12 +218,6 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
         base.scaling,
         concurrent=cfg.search.max_concurrent_trials,
         trial_drivers=True,
-    )
-    name = resolve_run_name(
-        storage_path,
-        cfg.search.name or f"tune-{base.model.name}",
-        resume=resume,
-        markers=(SEARCH_MARKER, "tuner.pkl"),
     )
     search_url = storage.join(storage_path, name)
     marker_url = storage.join(search_url, SEARCH_MARKER)

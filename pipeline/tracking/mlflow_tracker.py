@@ -388,6 +388,13 @@ def _unreachable_message(uri: str, problem: str) -> str:
     )
 
 
+def ensure_reachable(uri: str | None, *, required: bool) -> None:
+    """:func:`open_tracker`'s reachability check alone (TrackingError when a required server is down), for
+    drivers that must fail before they connect to Ray or take resources."""
+    if required and (uri is None or uri.lower() != "none"):
+        check_reachable(resolve_tracking_uri(uri))
+
+
 def open_tracker(
     *,
     uri: str | None,
