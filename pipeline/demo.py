@@ -34,8 +34,9 @@ _SHOWN = re.compile(
     r"^(===|best |last epoch|checkpoints and|MLflow (parent )?run|registered |trial \d+:|epochs used|"
     r"best config|pretrain: failed|finetune: failed|tune: failed|.*config error|\[[\w.-]+\] +epoch \d+/)"
 )
-# Ray prefixes what a worker prints with its actor and pid: "(RayTrainWorker pid=123) [toy-resnet20] epoch 1/10 ..."
-_RAY_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\) ")
+# Ray prefixes what a worker prints with its actor and pid, in color on a terminal:
+# "\x1b[36m(RayTrainWorker pid=123)\x1b[0m [toy-resnet20] epoch 1/10 ..."
+_RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\([^)]*pid=\d+[^)]*\)(\x1b\[[0-9;]*m)* ")
 # Ray's job server asks to retry while its agent starts, right after `ray start`.
 _AGENT_NOT_READY = "No available agent"
 

@@ -427,7 +427,10 @@ def _progress_printer(run_name: str) -> Callable[[str], None]:
     """Rank 0's progress lines, named after the run: in a search, several trials print side by side."""
 
     def emit(line: str) -> None:
-        print(f"[{run_name}] {line}", flush=True)
+        # Not print(): Ray Train patches it in workers to log through the root logger *and* echo to the
+        # redirected stdout, so every line showed twice in `ray job logs`.
+        sys.stdout.write(f"[{run_name}] {line}\n")
+        sys.stdout.flush()
 
     return emit
 

@@ -131,4 +131,6 @@ def test_the_demo_streams_progress_lines_without_rays_prefix():
     shown = _RAY_PREFIX.sub("", line)
     assert shown.startswith("[toy-resnet20] epoch 3/10") and _SHOWN.match(shown)
     assert _SHOWN.match("[trial-001]   epoch 1/3  step 40/120  loss 2.250  480 img/s")
+    colored = "\x1b[36m(RayTrainWorker pid=11015)\x1b[0m [demo-pretrain] epoch 1/10  loss 2.390"
+    assert _RAY_PREFIX.sub("", colored) == "[demo-pretrain] epoch 1/10  loss 2.390"
     assert not _SHOWN.match(_RAY_PREFIX.sub("", "(RayTrainWorker pid=812) Reporting training result 3: ..."))
