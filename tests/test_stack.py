@@ -116,12 +116,30 @@ def test_the_stack_ray_refuses_clients_without_its_token(stack):
     # The GCS port, as a driver would connect: a wrong token and no token are both refused.
     address = f"127.0.0.1:{stack.cfg.ray_port}"
     connect = f"import ray; ray.init(address='{address}', log_to_driver=False); print('connected')"
+    # A refused ray.init leaves the node agents it started running: mark them to stop them afterwards.
+    mark = f"refused-client-{os.getpid()}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
-        result = subprocess.run(
-            [sys.executable, "-c", connect], env={**clean, **env}, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode != 0 and "connected" not in result.stdout, (env, result.stdout[-1000:])
+    try:
+        for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+            result = subprocess.run(
+                [sys.executable, "-c", connect],
+                env={**clean, **env, "PIPELINE_TEST_MARK": mark},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode != 0 and "connected" not in result.stdout, (env, result.stdout[-1000:])
+    finally:
+        leftovers = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get("PIPELINE_TEST_MARK") == mark:
+                    leftovers.append(process)
+            except psutil.Error:
+                continue
+        for process in leftovers:
+            process.kill()
+        psutil.wait_procs(leftovers, timeout=10)
 
 
 def test_port_taken_by_someone_else_is_a_clear_error(tmp_path):
