@@ -98,7 +98,7 @@ def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bo
             f"scaling.use_gpu: {scaling.num_workers} GPU workers requested, this machine has "
             f"{torch.cuda.device_count()} GPUs; set scaling.use_gpu=false or lower scaling.num_workers"
         )
-    from pipeline.stack import free_port
+    from pipeline.ports import free_port
 
     # The dashboard (on 127.0.0.1 only) serves the state API that Train's placement-group cleaner polls.
     dashboard_port = free_port()

@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 
 from pipeline.errors import PipelineError
+from pipeline.ports import free_port
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
@@ -175,10 +176,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
