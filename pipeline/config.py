@@ -574,14 +574,14 @@ class ScalingConfig:
             "scaling.use_gpu",
             "needs Ray workers (scaling.num_workers >= 1); num_workers=0 runs in the job's process on CPU",
         )
+        _check(
+            self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
+        )
 
     @property
     def world_size(self) -> int:
         """Training processes: num_workers, or the job's own process in local mode (num_workers=0)."""
         return max(1, self.num_workers)
-        _check(
-            self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
-        )
 
 
 @dataclass(frozen=True)

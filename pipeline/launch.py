@@ -264,11 +264,10 @@ class TrackingCallback(ray.train.UserCallback):
         points = json.loads(metrics[0].get(TRACKED_KEY) or "[]") if metrics else []
         if not points:
             return
+        # An exception here would end the run (Ray makes it a controller error): never for tracking.
         try:
             log_points(self._open(), points)
-        except (
-            Exception
-        ) as error:  # an exception here would end the run (a controller error): never for tracking
+        except Exception as error:
             print(
                 f"tracking: could not log epoch metrics ({type(error).__name__}: {error}); training goes on"
             )

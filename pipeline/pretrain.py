@@ -420,6 +420,20 @@ def publish_model(
         )
 
 
+def preflight(
+    cfg: PretrainConfig, locations: dict[str, str], *, concurrent: int = 1, search: bool = False
+) -> None:
+    """The last checks before a driver takes cluster resources: a required tracking server answers (checked
+    before Ray is imported, so it fails like bad input), then every location in ``locations`` (field ->
+    URL) is one the workers' nodes can reach (:func:`pipeline.launch.require_cluster_storage`)."""
+    from pipeline.tracking.mlflow_tracker import ensure_reachable
+
+    ensure_reachable(cfg.tracking.uri, required=cfg.tracking.required)
+    from pipeline.launch import require_cluster_storage
+
+    require_cluster_storage(locations, cfg.scaling, concurrent=concurrent, trial_drivers=search)
+
+
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
     """Validate, track, train on Ray, export, register. Raises ConfigError for bad input (nothing started),
     ``TrackingError`` for an unreachable required server, ``LaunchError`` when training failed."""
@@ -446,18 +460,13 @@ def run_training(
     previous = _read_marker(run_url) if resume else {}
     check_resumable(cfg, previous)
     if cfg.scaling.num_workers > 0:  # local mode trains in this process: nothing leaves this machine
-        from pipeline.tracking.mlflow_tracker import ensure_reachable
-
-        ensure_reachable(cfg.tracking.uri, required=cfg.tracking.required)  # before Ray, like bad input
-        from pipeline.launch import require_cluster_storage
-
-        require_cluster_storage(
+        preflight(
+            cfg,
             {
                 "data.train_manifest": cfg.data.train_manifest,
                 "data.val_manifest": cfg.data.val_manifest,
                 "checkpoint.storage_path": storage_path,
             },
-            cfg.scaling,
         )
     tracker = _open_run(
         cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id"), kind=kind

@@ -176,8 +176,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-
-
 def _http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
         request = urllib.request.Request(url, headers=headers or {})

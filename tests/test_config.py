@@ -134,3 +134,17 @@ def test_the_demo_streams_progress_lines_without_rays_prefix():
     colored = "\x1b[36m(RayTrainWorker pid=11015)\x1b[0m [demo-pretrain] epoch 1/10  loss 2.390"
     assert _RAY_PREFIX.sub("", colored) == "[demo-pretrain] epoch 1/10  loss 2.390"
     assert not _SHOWN.match(_RAY_PREFIX.sub("", "(RayTrainWorker pid=812) Reporting training result 3: ..."))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker: must be > 0"),
+        ("scaling.num_workers=-1", "scaling.num_workers: must be >= 0"),
+        ("scaling.use_gpu=true", "scaling.use_gpu: needs Ray workers"),
+    ],
+)
+def test_bad_scaling_names_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, "configs/pretrain/toy_resnet20.yaml", ["scaling.num_workers=0", override])
+    assert message in str(err.value)

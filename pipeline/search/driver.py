@@ -37,6 +37,7 @@ from pipeline.pretrain import (
     absolute_storage,
     localize,
     log_datasets,
+    preflight,
     publish_model,
     resolve_run_name,
     validate,
@@ -204,20 +205,15 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
         resume=resume,
         markers=(SEARCH_MARKER, "tuner.pkl"),
     )
-    from pipeline.tracking.mlflow_tracker import ensure_reachable
-
-    ensure_reachable(base.tracking.uri, required=base.tracking.required)  # before Ray, like bad input
-    from pipeline.launch import require_cluster_storage
-
-    require_cluster_storage(
+    preflight(
+        base,
         {
             "pretrain.data.train_manifest": base.data.train_manifest,
             "pretrain.data.val_manifest": base.data.val_manifest,
             "search.storage_path": storage_path,
         },
-        base.scaling,
         concurrent=cfg.search.max_concurrent_trials,
-        trial_drivers=True,
+        search=True,
     )
     search_url = storage.join(storage_path, name)
     marker_url = storage.join(search_url, SEARCH_MARKER)
@@ -287,22 +283,21 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
             )
             if child is not None:
                 _settle_child(tracking_uri, child.info.run_id, reason, summaries[-1].error)
-        failed = [(s, t.error) for s, t in zip(summaries, results, strict=True) if s.stop_reason == "error"]
+        failed = [s for s in summaries if s.stop_reason == "error"]
         if failed and tracker.run_id is not None:
             tracker.set_tags(
                 {
                     "search.failed_trials": f"{len(failed)} of {len(summaries)}",
-                    "search.first_error": _short(failed[0][1]),
+                    "search.first_error": failed[0].error,
                 }
             )
         # An errored trial is never the best, whatever it reported before failing: its run did not finish.
         scored = [s for s in summaries if s.best is not None and s.stop_reason != "error"]
         if not scored:
             if failed:
-                first, error = failed[0]
                 raise SearchFailedError(
-                    f"all {len(failed)} of {len(summaries)} trials failed; first error (trial {first.index}): "
-                    f"{_short(error)}"
+                    f"all {len(failed)} of {len(summaries)} trials failed; first error (trial "
+                    f"{failed[0].index}): {failed[0].error}"
                 )
             raise SearchFailedError(f"none of the {len(summaries)} trials reported {cfg.search.metric}")
         sign = 1 if cfg.search.mode == "max" else -1

@@ -61,8 +61,7 @@ class MetricBuffer(NullTracker):
     carries them to the driver's side, the only place that talks to MLflow (workers on a cluster may not
     reach the tracking store: a local sqlite file exists only on the driver's node)."""
 
-    def __init__(self, run_id: str | None = None) -> None:
-        self.run_id = run_id
+    def __init__(self) -> None:
         self._points: list[tuple[str, int, float]] = []
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:

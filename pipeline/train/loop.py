@@ -66,8 +66,6 @@ class FitResult:
     stopped_early: bool
     state: TrainState
     """The final state (``epoch`` = epochs completed), best weights already loaded into the model."""
-    best_eval: EvalResult | None = None
-    """The validation result of the best epoch when this call ran it (None when it came before a resume)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,13 +75,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
-
-
-def _length(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def _reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -235,7 +226,6 @@ def fit(
             best_confusion=best_confusion,
         )
 
-    best_eval: EvalResult | None = None
     stopped_early = False
     watched = train_cfg.early_stopping.metric
     state = None
@@ -259,7 +249,7 @@ def fit(
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         train_started = time.perf_counter()
-        steps.start_epoch(epoch, _length(train_loader))
+        steps.start_epoch(epoch, len(train_loader))
         for step_in_epoch, (images, labels) in enumerate(meter.iterate(train_loader), start=1):
             x = normalize(images, device=device, channels_last=train_cfg.channels_last)
             y = labels.to(device, non_blocking=True)
@@ -302,7 +292,6 @@ def fit(
         decision = stopper.update(metrics[watched], epoch)
         if decision.improved:
             best_model = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-            best_eval = val
             if val.confusion is not None and val.confusion.shape[0] <= PER_CLASS_METRICS_MAX:
                 best_confusion = val.confusion.tolist()
         stop = agree(decision.stop)
@@ -333,7 +322,6 @@ def fit(
         best_metric=stopper.best_value,
         stopped_early=stopped_early,
         state=state,
-        best_eval=best_eval,
     )
 
 

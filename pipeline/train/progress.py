@@ -60,7 +60,7 @@ class StepProgress:
         self.epochs = epochs
         self._due = float("inf")
 
-    def start_epoch(self, epoch: int, steps: int | None) -> None:
+    def start_epoch(self, epoch: int, steps: int) -> None:
         self.epoch, self.steps = epoch, steps
         self._images, self._since = 0, time.perf_counter()
         self._due = self._since + self.interval_s if self.interval_s > 0 else float("inf")
@@ -73,9 +73,8 @@ class StepProgress:
         value = float(loss.detach())
         self.log_step_loss(value, global_step)
         if self.emit is not None:
-            of = f"/{self.steps}" if self.steps else ""
             rate = self._images / max(now - self._since, 1e-9)
             self.emit(
-                f"  epoch {self.epoch + 1}/{self.epochs}  step {step_in_epoch}{of}  loss {value:.3f}  {rate:.0f} img/s"
+                f"  epoch {self.epoch + 1}/{self.epochs}  step {step_in_epoch}/{self.steps}  loss {value:.3f}  {rate:.0f} img/s"
             )
         self._images, self._since, self._due = 0, now, now + self.interval_s
