@@ -193,7 +193,7 @@ def run_bare(s: Settings) -> dict[str, Any]:
 # Ours: Ray Train worker (pickled by value with this module's globals, as the script runs as __main__)
 
 
-def bench_worker(loop_config: dict[str, Any]) -> None:
+def bench_worker(s: Settings) -> None:
     """``pretrain_worker`` with synthetic loaders instead of shards and no MLflow, timing the epoch end."""
     import ray.train
     import ray.train.torch
@@ -202,7 +202,6 @@ def bench_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.train.build import replica_digests
     from pipeline.train.loop import fit, unwrap
 
-    s = Settings(**loop_config["settings"])
     torch.set_num_threads(s.threads)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
@@ -262,7 +261,7 @@ def run_ours(s: Settings, *, cpus_per_worker: float, storage: str, name: str) ->
     started = time.perf_counter()
     result = launch(
         bench_worker,
-        loop_config={"settings": dataclasses.asdict(s)},
+        spec=s,
         scaling=ScalingConfig(num_workers=1, use_gpu=s.device == "cuda", cpus_per_worker=cpus_per_worker),
         checkpoint=CheckpointConfig(num_to_keep=1, max_failures=0),
         storage_path=storage,

@@ -550,6 +550,9 @@ class TrackingConfig:
     """Registered-model name the best weights are registered under; null skips registration."""
     alias: str = "champion"
     """Alias moved to the new version when it beats the current holder on the monitored metric."""
+    system_metrics: bool = True
+    """Log the training node's CPU, memory and GPU figures once per epoch, under MLflow's system-metric names
+    (the UI's System metrics tab); sampled by rank 0 on its own node, not by the driver."""
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ class Demo:
 
 
 def _git_head() -> str:
-    from pipeline.tracking.mlflow_tracker import git_revision
+    from pipeline.provenance import git_revision
 
     return git_revision(REPO)
 

@@ -1,5 +1,5 @@
 """The fine-tuning job's driver: fetch the pre-trained weights, take the architecture from them, then run the
-same driver, launcher and loop as pre-training (``run_training(kind="finetune")``).
+same driver, launcher and loop as pre-training (``TrainingJob(kind="finetune")``).
 
 Sources (``finetune.source``): a registered model (``models:/name@alias``, ``models:/name/version``), a run's
 artifact (``runs:/<id>/model``), an export on disk or S3 (``model.pt``, its directory, or a pre-training run
@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, FinetuneConfig, ModelConfig, replace_fields
 from pipeline.data import storage
-from pipeline.pretrain import EXPORT_DIR, EXPORT_WEIGHTS, PretrainOutcome, run_training
+from pipeline.pretrain import EXPORT_DIR, EXPORT_WEIGHTS, PretrainOutcome, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -134,4 +134,6 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> PretrainOutcom
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         tags["warning.double_correction"] = "true"
-    return run_training(cfg, resume=resume, kind="finetune", source=source, tags=tags)
+    from pipeline.lifecycle import execute
+
+    return execute(TrainingJob(cfg, resume=resume, kind="finetune", source=source, tags=tags))

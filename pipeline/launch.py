@@ -15,6 +15,7 @@ What Ray Train provides here and is not re-implemented:
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -31,20 +32,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipeline.config import (
-    CheckpointConfig,
-    ConfigError,
-    FinetuneConfig,
-    PretrainConfig,
-    ScalingConfig,
-    from_dict,
-    replace_fields,
-)
+from pipeline.config import CheckpointConfig, ConfigError, ScalingConfig, replace_fields
 from pipeline.errors import PipelineError
+from pipeline.specs import WorkerSpec
 from pipeline.tracking.base import MetricBuffer
 from pipeline.train.build import build_run, fit_run, replica_digests
 from pipeline.train.loop import unwrap
-from pipeline.train.state import TrainState, load_checkpoint, save_checkpoint
+from pipeline.train.state import TrainState, load_checkpoint, read_state, save_checkpoint
 
 STATE_FILE = "state.pt"
 # Offline and quiet in every worker, whatever the environment of the node's raylet.
@@ -170,9 +164,9 @@ def _state_api_env(variable: str, value: str) -> dict[str, Any] | None:
 
 
 def launch(
-    train_fn: Callable[[dict[str, Any]], Any],
+    train_fn: Callable[[Any], Any],
     *,
-    loop_config: dict[str, Any],
+    spec: Any,
     scaling: ScalingConfig,
     checkpoint: CheckpointConfig,
     storage_path: str,
@@ -182,7 +176,10 @@ def launch(
     callbacks: list[Any] | None = None,
     tracking: TrackingCallback | None = None,
 ) -> LaunchResult:
-    """Run ``train_fn(loop_config)`` on ``scaling.num_workers`` DDP workers and wait for it.
+    """Run ``train_fn(spec)`` on ``scaling.num_workers`` DDP workers and wait for it.
+
+    ``spec`` is the typed, frozen spec the workers need (:class:`pipeline.specs.WorkerSpec`); it travels
+    bound to the function (Ray pickles both), not as Ray's ``train_loop_config`` dict.
 
     ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
     ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial;
@@ -197,8 +194,7 @@ def launch(
     if not local:  # local mode runs in this process: no cluster to start or join
         ensure_ray(scaling)
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=loop_config,
+        functools.partial(train_fn, spec),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=RayScalingConfig(
             num_workers=scaling.num_workers,
@@ -274,7 +270,8 @@ class TrackingCallback(ray.train.UserCallback):
 
     def _open(self):
         if self._tracker is None:
-            from pipeline.tracking.mlflow_tracker import MlflowTracker, TolerantTracker, redact_uri
+            from pipeline.provenance import redact_uri
+            from pipeline.tracking.mlflow_tracker import MlflowTracker, TolerantTracker
 
             os.environ.update(_WORKER_ENV)
             self._tracker = TolerantTracker(
@@ -445,10 +442,9 @@ def _quiet_ray_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def pretrain_worker(loop_config: dict[str, Any]) -> None:
-    """One DDP rank of a pre-training or fine-tuning run (the same loop): ``loop_config`` = {config,
-    run_name} plus, for fine-tuning, kind="finetune" and the source weights. No tracking address: what the
-    run records travels with its reports."""
+def pretrain_worker(spec: WorkerSpec) -> None:
+    """One DDP rank of a pre-training or fine-tuning run (the same loop). No tracking address: what the run
+    records travels with its reports."""
     os.environ.update(_WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
     # Workers never talk to the tracking store (on a cluster it may be a file on the driver's node): any
@@ -456,8 +452,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     # driver's own process, where mlflow is already imported and stays usable.
     sys.modules.setdefault("mlflow", None)
     _quiet_ray_reports()
-    config_type = FinetuneConfig if loop_config.get("kind") == "finetune" else PretrainConfig
-    cfg = from_dict(config_type, loop_config["config"])
+    cfg = spec.config
     if cfg.data.multiprocessing_context == "fork" and cfg.data.loader_workers > 0:
         # A Ray actor runs gRPC and gloo threads; forking it can leave a DataLoader worker deadlocked on a
         # lock some thread held at fork time (seen here: rank 1's loader child hung, rank 0 waited forever).
@@ -468,7 +463,9 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    parts = build_run(cfg, rank=rank, world_size=world_size, device=device, source=loop_config.get("source"))
+    # Every rank reads the source weights from storage the whole cluster sees (the driver put them there).
+    source = read_state(spec.source_url) if spec.source_url else None
+    parts = build_run(cfg, rank=rank, world_size=world_size, device=device, source=source)
     model = ray.train.torch.prepare_model(
         parts.model,
         move_to_device=False,
@@ -499,7 +496,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
         tracker=buffer,
         resume=restore_checkpoint(),
         on_epoch_end=on_epoch_end,
-        progress=_progress_printer(loop_config["run_name"]) if rank == 0 else None,
+        progress=_progress_printer(spec.run_name) if rank == 0 else None,
     )
     if not result.history and result.state.history:
         # Restored after its last epoch (killed while that epoch's checkpoint was being registered): nothing

@@ -13,13 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError, PretrainConfig, dump_yaml, replace_fields, to_dict
 from pipeline.data import storage
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url
+
+if TYPE_CHECKING:
+    from pipeline.lifecycle import RunTarget, TrackedRun
 
 RUN_MARKER = "pipeline_run.json"
 EXPORT_DIR = "model"
@@ -181,7 +185,7 @@ def log_datasets(tracker: Any, validated: Validated) -> dict[str, str]:
     """Both splits as the run's dataset inputs (MLflow's Datasets column): named after the manifest's
     folder (``imagenet/train``), the manifest's sha256 as digest (first 16 hex digits; the full one is the
     ``dataset.manifest_digest`` tag), its URL and counts. Returns the full digests by context."""
-    from pipeline.tracking.mlflow_tracker import redact_uri
+    from pipeline.provenance import redact_uri
 
     digests = {}
     for context, manifest in (("training", validated.train_manifest), ("validation", validated.val_manifest)):
@@ -202,7 +206,7 @@ def log_datasets(tracker: Any, validated: Validated) -> dict[str, str]:
 
 
 def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
-    from pipeline.tracking.mlflow_tracker import redact_uri
+    from pipeline.provenance import redact_uri
     from pipeline.train.optim import scaled_lr
 
     params = to_dict(cfg)
@@ -219,23 +223,15 @@ def _run_params(cfg: PretrainConfig, validated: Validated) -> dict[str, Any]:
     return params
 
 
-def _open_run(
-    cfg: PretrainConfig, validated: Validated, *, run_name: str, run_url: str, run_id: str | None, kind: str
-):
-    """The driver's tracker (a NullTracker when tracking is off or, with required=false, unreachable)."""
+def _record_run(tracker: Any, plan: TrainingPlan) -> None:
+    """The run's setup in its record: lineage and model tags, dataset inputs, params and the resolved config."""
+    if tracker.run_id is None:
+        return
     from pipeline.models.profile import count_macs, count_parameters
-    from pipeline.tracking.mlflow_tracker import open_tracker, run_tags
+    from pipeline.provenance import run_tags
     from pipeline.train.build import build_classifier
 
-    tracker = open_tracker(
-        uri=cfg.tracking.uri,
-        experiment=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name or run_name,
-        required=cfg.tracking.required,
-        run_id=run_id,
-    )
-    if tracker.run_id is None:
-        return tracker
+    cfg, validated = plan.cfg, plan.validated
     model = build_classifier(cfg.model, num_classes=validated.num_classes)
     digests = log_datasets(tracker, validated)
     tags = run_tags(
@@ -245,15 +241,14 @@ def _open_run(
         params=count_parameters(model),
         macs=count_macs(model, resolution=cfg.data.resolution),
     )
-    tags.update({"pipeline.job": kind, "pipeline.run_url": run_url, "model.family": model.family})
-    tracker.set_tags(tags)
+    tags.update({"pipeline.job": plan.kind, "pipeline.run_url": plan.run_url, "model.family": model.family})
+    tracker.set_tags({**tags, **plan.tags})
     tracker.log_params(_run_params(cfg, validated))
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
-    return tracker
 
 
 def _write_marker(run_url: str, run_id: str | None, tracking_uri: str | None, cfg: PretrainConfig) -> None:
-    from pipeline.tracking.mlflow_tracker import flatten_params, redact_uri
+    from pipeline.provenance import flatten_params, redact_uri
 
     storage.makedirs(run_url)
     marker = {
@@ -279,7 +274,7 @@ def _comparable(cfg: PretrainConfig) -> dict[str, Any]:
 def check_resumable(cfg: PretrainConfig, marker: dict[str, Any]) -> None:
     """A resumed run must use the config it started with: the schedule, the data order and the MLflow params
     all derive from it. Raises ConfigError listing the fields that differ."""
-    from pipeline.tracking.mlflow_tracker import flatten_params
+    from pipeline.provenance import flatten_params
 
     before, now = marker.get("config") or {}, flatten_params(_comparable(cfg))
     changed = [
@@ -314,15 +309,6 @@ def export_model(state: dict[str, Any], cfg: PretrainConfig, validated: Validate
     return directory
 
 
-def load_state(url: str) -> dict[str, Any]:
-    """A checkpoint's :class:`TrainState` dict from a local path or ``s3://`` URL (``weights_only``)."""
-    import io
-
-    import torch
-
-    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-
-
 def load_exported(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """``(model with the exported weights, model_config)`` from an export directory or its ``model.pt``."""
     import torch
@@ -353,13 +339,13 @@ def plot_learning_curves(tracking_uri: str, run_id: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    from pipeline.tracking.mlflow_tracker import metric_history
+
     figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
     for axis, name in zip(axes, CURVES, strict=True):
         for split in ("train", "val"):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"{split}/{name}"))
+            history = metric_history(tracking_uri, run_id, f"{split}/{name}")
             if history:
                 axis.plot(*zip(*history, strict=True), marker="o", label=split)
         axis.set_xlabel("epoch")
@@ -437,98 +423,184 @@ def preflight(
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
     """Validate, track, train on Ray, export, register. Raises ConfigError for bad input (nothing started),
     ``TrackingError`` for an unreachable required server, ``LaunchError`` when training failed."""
-    return run_training(cfg, resume=resume)
+    from pipeline.lifecycle import execute
+
+    return execute(TrainingJob(cfg, resume=resume))
 
 
-def run_training(
-    cfg: PretrainConfig,
-    *,
-    resume: bool = False,
-    kind: str = "pretrain",
-    source: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-) -> PretrainOutcome:
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What :meth:`TrainingJob.prepare` settled before anything started."""
+
+    cfg: PretrainConfig
+    """Localized: absolute manifest paths."""
+    validated: Validated
+    kind: str
+    run_name: str
+    run_url: str
+    storage_path: str
+    previous_run_id: str | None
+    """The stopped run's MLflow run (``--resume``)."""
+    tags: dict[str, str]
+    source: dict[str, Any] | None
+
+
+class TrainingJob:
     """The driver shared by pre-training and fine-tuning (``kind="finetune"``, ``source`` = the exported
-    weights to start from, ``tags`` = lineage): one loop, one launcher, one way to track and publish."""
-    validated = validate(cfg)
-    cfg = localize(cfg)
-    storage_path = absolute_storage(cfg.checkpoint.storage_path or storage.default_location("checkpoints"))
-    run_name = resolve_run_name(
-        storage_path, cfg.checkpoint.name or f"{kind}-{cfg.model.name}", resume=resume
-    )
-    run_url = storage.join(storage_path, run_name)
-    previous = _read_marker(run_url) if resume else {}
-    check_resumable(cfg, previous)
-    if cfg.scaling.num_workers > 0:  # local mode trains in this process: nothing leaves this machine
-        preflight(
-            cfg,
-            {
-                "data.train_manifest": cfg.data.train_manifest,
-                "data.val_manifest": cfg.data.val_manifest,
-                "checkpoint.storage_path": storage_path,
-            },
-        )
-    tracker = _open_run(
-        cfg, validated, run_name=run_name, run_url=run_url, run_id=previous.get("mlflow_run_id"), kind=kind
-    )
-    if tracker.run_id is not None and tags:
-        tracker.set_tags(tags)
-    tracking_uri = getattr(tracker, "tracking_uri", None)
-    _write_marker(run_url, tracker.run_id, tracking_uri, cfg)
-    status = "FAILED"
-    try:
-        from pipeline.launch import STATE_FILE, TrackingCallback, launch, pretrain_worker
-        from pipeline.tracking.base import NullTracker
-        from pipeline.tracking.mlflow_tracker import TRACKING_FAILURES, TrackingError, redact_uri
-        from pipeline.train.state import load_checkpoint
+    weights to start from, ``tags`` = lineage): one loop, one launcher, one way to track and publish,
+    run by :func:`pipeline.lifecycle.execute`."""
 
-        result = launch(
-            pretrain_worker,
-            loop_config={"config": to_dict(cfg), "run_name": run_name, "kind": kind, "source": source},
-            scaling=cfg.scaling,
-            checkpoint=cfg.checkpoint,
-            storage_path=storage_path,
-            name=run_name,
-            metric=cfg.train.early_stopping.metric,
-            mode=cfg.train.early_stopping.mode,
-            tracking=TrackingCallback(tracking_uri=tracking_uri, run_id=tracker.run_id)
-            if tracker.run_id is not None
-            else None,
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        *,
+        resume: bool = False,
+        kind: str = "pretrain",
+        source: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg, self.resume, self.kind, self.source, self.tags = cfg, resume, kind, source, dict(tags or {})
+
+    def prepare(self) -> TrainingPlan:
+        validated = validate(self.cfg)
+        cfg = localize(self.cfg)
+        storage_path = absolute_storage(
+            cfg.checkpoint.storage_path or storage.default_location("checkpoints")
         )
-        state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
-        export_url = storage.join(run_url, EXPORT_DIR)
-        stopper = state["early_stopping"]
-        try:
-            # Epochs the workers could not log (server down for a while) are in the state: fill them in.
-            tracker.log_history(state.get("history", []))
-            registration = publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)
-        except TRACKING_FAILURES as error:
-            tracker = NullTracker()  # the run cannot be closed either; its status stays RUNNING
-            publish_model(state, cfg, validated, tracker=tracker, export_url=export_url)  # export only
-            raise TrackingError(
-                f"training finished ({int(state['epoch'])} epochs, best {cfg.train.early_stopping.metric} "
-                f"{stopper['best_value']}) and nothing is lost: checkpoints in {run_url}, the model exported to "
-                f"{export_url}. But MLflow at {redact_uri(tracking_uri or '')} failed "
-                f"({str(error).strip().splitlines()[0][:200]}), so the run's record is incomplete and the "
-                "model is not registered. Once the server is back, run the same command with --resume: it "
-                "trains nothing more, fills in the missing epochs and registers the model."
-            ) from None
-        status = "FINISHED"
-        return PretrainOutcome(
+        run_name = resolve_run_name(
+            storage_path, cfg.checkpoint.name or f"{self.kind}-{cfg.model.name}", resume=self.resume
+        )
+        run_url = storage.join(storage_path, run_name)
+        previous = _read_marker(run_url) if self.resume else {}
+        check_resumable(cfg, previous)
+        if cfg.scaling.num_workers > 0:  # local mode trains in this process: nothing leaves this machine
+            preflight(
+                cfg,
+                {
+                    "data.train_manifest": cfg.data.train_manifest,
+                    "data.val_manifest": cfg.data.val_manifest,
+                    "checkpoint.storage_path": storage_path,
+                },
+            )
+        return TrainingPlan(
+            cfg=cfg,
+            validated=validated,
+            kind=self.kind,
             run_name=run_name,
             run_url=run_url,
+            storage_path=storage_path,
+            previous_run_id=previous.get("mlflow_run_id"),
+            tags=self.tags,
+            source=self.source,
+        )
+
+    def target(self, plan: TrainingPlan) -> RunTarget:
+        from pipeline.lifecycle import RunTarget
+
+        tracking = plan.cfg.tracking
+        return RunTarget(
+            uri=tracking.uri,
+            experiment=tracking.experiment,
+            run_name=tracking.run_name or plan.run_name,
+            required=tracking.required,
+            run_id=plan.previous_run_id,
+        )
+
+    def run(self, plan: TrainingPlan, run: TrackedRun) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Train on Ray; returns the last checkpoint's state and the metrics reported with it."""
+        from pipeline.launch import STATE_FILE, TrackingCallback, launch, pretrain_worker
+        from pipeline.specs import WorkerSpec
+        from pipeline.train.state import load_checkpoint
+
+        cfg = plan.cfg
+        _record_run(run.tracker, plan)
+        _write_marker(plan.run_url, run.run_id, run.tracking_uri, cfg)
+        result = launch(
+            pretrain_worker,
+            spec=WorkerSpec(config=cfg, run_name=plan.run_name, source_url=_stage_source(plan)),
+            scaling=cfg.scaling,
+            checkpoint=cfg.checkpoint,
+            storage_path=plan.storage_path,
+            name=plan.run_name,
+            metric=cfg.train.early_stopping.metric,
+            mode=cfg.train.early_stopping.mode,
+            tracking=TrackingCallback(tracking_uri=run.tracking_uri, run_id=run.run_id)
+            if run.run_id is not None
+            else None,
+        )
+        return load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE), dict(result.metrics)
+
+    def settle(self, plan: TrainingPlan, run: TrackedRun, ran: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Epochs the driver side could not log (server down for a while) are in the state: fill them in."""
+        state, _ = ran
+        self._tracked(plan, run, state, lambda: run.tracker.log_history(state.get("history", [])))
+        return ran
+
+    def publish(self, plan: TrainingPlan, run: TrackedRun, settled: tuple[dict, dict]) -> PretrainOutcome:
+        state, metrics = settled
+        export_url = storage.join(plan.run_url, EXPORT_DIR)
+        registration = self._tracked(
+            plan,
+            run,
+            state,
+            lambda: publish_model(
+                state, plan.cfg, plan.validated, tracker=run.tracker, export_url=export_url
+            ),
+        )
+        stopper = state["early_stopping"]
+        return PretrainOutcome(
+            run_name=plan.run_name,
+            run_url=plan.run_url,
             export_url=export_url,
             epochs_completed=int(state["epoch"]),
             best_epoch=stopper["best_epoch"],
             best_metric=stopper["best_value"],
-            final_metrics=dict(result.metrics),
-            mlflow_run_id=tracker.run_id,
-            tracking_uri=tracking_uri,
+            final_metrics=metrics,
+            mlflow_run_id=run.run_id,
+            tracking_uri=run.tracking_uri,
             registration=registration,
         )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker.run_id is not None:
-            tracker.close(status=status)
+
+    @staticmethod
+    def _tracked(plan: TrainingPlan, run: TrackedRun, state: dict[str, Any], call: Callable[[], Any]) -> Any:
+        """``call()``; when the tracking store fails, export the model anyway and raise a TrackingError that
+        says nothing is lost and how ``--resume`` completes the record."""
+        from pipeline.provenance import redact_uri
+        from pipeline.tracking.mlflow_tracker import TRACKING_FAILURES, TrackingError
+
+        try:
+            return call()
+        except TRACKING_FAILURES as error:
+            tracking_uri = run.tracking_uri
+            export_url = storage.join(plan.run_url, EXPORT_DIR)
+            run.detach()  # the run cannot be closed either; its status stays RUNNING
+            publish_model(state, plan.cfg, plan.validated, tracker=run.tracker, export_url=export_url)
+            stopper = state["early_stopping"]
+            raise TrackingError(
+                f"training finished ({int(state['epoch'])} epochs, best {plan.cfg.train.early_stopping.metric} "
+                f"{stopper['best_value']}) and nothing is lost: checkpoints in {plan.run_url}, the model "
+                f"exported to {export_url}. But MLflow at {redact_uri(tracking_uri or '')} failed "
+                f"({str(error).strip().splitlines()[0][:200]}), so the run's record is incomplete and the "
+                "model is not registered. Once the server is back, run the same command with --resume: it "
+                "trains nothing more, fills in the missing epochs and registers the model."
+            ) from None
+
+
+SOURCE_DIR = "source"
+
+
+def _stage_source(plan: TrainingPlan) -> str | None:
+    """Fine-tuning: the source weights, which the driver fetched (a registry may be reachable only from
+    here), written beside the run's checkpoints, where every worker's node can read them."""
+    if plan.source is None:
+        return None
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(plan.source, buffer)
+    url = storage.join(plan.run_url, SOURCE_DIR, EXPORT_WEIGHTS)
+    storage.makedirs(storage.join(plan.run_url, SOURCE_DIR))
+    storage.write_bytes_atomic(url, buffer.getvalue())
+    return url

@@ -84,8 +84,8 @@ def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path
     from mlflow import MlflowClient
 
     from pipeline.finetune import run_finetune
-    from pipeline.pretrain import load_state
     from pipeline.tracking.mlflow_tracker import MlflowTracker, register_model
+    from pipeline.train.state import read_state
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with MlflowTracker(tracking_uri=uri, experiment="pretrain", run_name="src") as source_run:
@@ -128,7 +128,7 @@ def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path
 
     # Stage 1 (epoch 0) under DDP: every backbone tensor, BatchNorm running statistics included, is the source's.
     source = torch.load(Path(pretrained) / "model.pt", weights_only=True)["state_dict"]
-    after_stage_one = load_state(str(tmp_path / "ray_results" / "toy-finetune" / "epoch-0000" / "state.pt"))[
+    after_stage_one = read_state(str(tmp_path / "ray_results" / "toy-finetune" / "epoch-0000" / "state.pt"))[
         "model"
     ]
     backbone = [k for k in source if not k.startswith("fc.") and "num_batches_tracked" not in k]

@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import ipaddress
+import json
 import re
 import shlex
 import tomllib
@@ -734,3 +735,108 @@ def test_deploy_doc_ray_commands_are_accepted(ray_cli):
         group.make_context(group.name, list(rest))  # unknown options raise
         checked += 1
     assert checked >= 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every cluster command in README.md and docs/ runs as written against the shipped manifests
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _doc_blocks(path: Path) -> list[list[list[str]]]:
+    """Each bash block of a document as its simple commands (continuations joined, comments dropped)."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)
+    return [
+        _commands([line.split(" # ")[0] for line in block.replace("\\\n", " ").splitlines()])
+        for block in blocks
+    ]
+
+
+def _placeholders() -> set[str]:
+    """The values a user substitutes, as docs/deploy.md's placeholder table lists them."""
+    section = DEPLOY_DOC.read_text().split("## Placeholders", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+
+
+def _dashboard_port(aws: dict, raycluster: dict, rayjob: dict) -> int:
+    """The port the job server is reached on: the same in every manifest (and Ray's default on EC2)."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT
+
+    head_commands = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-port" not in head_commands, "the EC2 head keeps Ray's default dashboard port"
+    for manifest in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        ports = manifest["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"containerPort": DEFAULT_DASHBOARD_PORT, "name": "dashboard"} in ports
+    return DEFAULT_DASHBOARD_PORT
+
+
+def _cluster_commands() -> list[tuple[str, list[str], bool]]:
+    """(where, command, on KubeRay) for every `ray job submit` in the docs."""
+    found = []
+    for path in DOC_FILES:
+        for block in _doc_blocks(path):
+            kuberay = any(command[0] == "kubectl" for command in block)
+            for command in block:
+                if command[:3] == ["ray", "job", "submit"]:
+                    found.append((path.relative_to(ROOT).as_posix(), command, kuberay))
+    return found
+
+
+def _flat(tree: typing.Any, prefix: str = "") -> dict[str, typing.Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def test_every_cluster_command_in_the_docs_runs_as_written(aws, raycluster, rayjob, capsys, monkeypatch):
+    """Same address and port as the manifests, the job's own command line accepts it, every recipe field
+    that holds a placeholder is set on the command line, data and checkpoints in S3 (nodes share no disk),
+    a tracking store the driver reaches, and no placeholder beyond the documented ones."""
+    from pipeline.config import to_dict
+    from pipeline.search.driver import base_config
+
+    monkeypatch.chdir(ROOT)
+    port = _dashboard_port(aws, raycluster, rayjob)
+    user_values = _placeholders()
+    assert {"YOUR-BUCKET", "MLFLOW_HOST"} <= user_values
+    commands = _cluster_commands()
+    assert {where for where, _, _ in commands} >= {"README.md", "docs/deploy.md", "docs/pretrain.md"}
+    for where, command, kuberay in commands:
+        shown = f"{where}: {shlex.join(command)}"
+        split = command.index("--")
+        options, entry = command[3:split], command[split + 1 :]
+        assert options[options.index("--address") + 1] == f"http://127.0.0.1:{port}", shown
+        assert options[options.index("--working-dir") + 1] == ".", shown
+        for token in command:
+            assert "..." not in token and not re.search(r"<\w+>|\bHEAD\b", token), (
+                f"placeholder left: {shown}"
+            )
+            for host in re.findall(r"(?:s3|https?)://([^/:]+)", token):
+                assert host == host.lower() or host in user_values, f"unexplained host {host}: {shown}"
+        env = {}
+        if "--runtime-env-json" in options:
+            env = json.loads(options[options.index("--runtime-env-json") + 1]).get("env_vars", {})
+
+        assert entry[:1] == ["python"] and re.fullmatch(r"jobs/\w+\.py", entry[1]), shown
+        job, args = Path(entry[1]), entry[2:]
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            assert _run_job_cli(job, args, capsys) == 0, f"{shown}: {capsys.readouterr().err}"
+        given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
+        recipe = _typed(job, [a for a in args if a.startswith("--") or a.endswith(".yaml")])
+        prefix = "pretrain." if job.stem == "tune" else ""
+        shipped = _flat(to_dict(base_config(recipe) if job.stem == "tune" else recipe), prefix)
+        holding = {k for k, v in shipped.items() if any(u in str(v) for u in user_values)}
+        assert holding <= given, f"{shown}: recipe placeholders not overridden: {sorted(holding - given)}"
+
+        typed = _typed(job, args)
+        pretrain = base_config(typed) if job.stem == "tune" else typed
+        assert pretrain.data.train_manifest.startswith("s3://"), shown
+        assert pretrain.data.val_manifest.startswith("s3://"), shown
+        storage_field = "search.storage_path" if job.stem == "tune" else f"{prefix}checkpoint.storage_path"
+        section, _, name = storage_field.rpartition(".")
+        stored = getattr(getattr(typed, section.split(".")[-1]), name)
+        assert (stored or env.get("PIPELINE_STORAGE_ROOT", "")).startswith("s3://"), f"local storage: {shown}"
+        tracked = pretrain.tracking.uri or env.get("MLFLOW_TRACKING_URI")
+        assert tracked or kuberay, f"no tracking store (the job's temporary copy would hold it): {shown}"

@@ -253,6 +253,7 @@ def test_progress_is_one_readable_line_per_epoch_plus_interval_lines(toy_shards)
     )
     step_losses = [step for key, step in tracker.logged if key == "train/loss_step"]
     assert step_losses == sorted(set(step_losses)) and step_losses[-1] == 40, "the global step, once each"
+    assert not any(key.startswith("system/cpu") for key, _ in tracker.logged), "system metrics are opt-in"
 
     # 0 turns the interval lines (and step losses) off.
     from pipeline.train.progress import StepProgress

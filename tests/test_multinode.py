@@ -271,7 +271,7 @@ def test_ranks_on_two_nodes_read_disjoint_shards_and_evaluate_each_sample_once(
 
     result = launch(
         _observe_worker,
-        loop_config=multinode_data,
+        spec=multinode_data,
         scaling=_two_worker_scaling(),
         checkpoint=CheckpointConfig(
             storage_path=str(tmp_path), name="observe", num_to_keep=1, max_failures=0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.config import (
@@ -230,6 +231,11 @@ def test_recipe_runs_end_to_end_with_its_own_flags(path, tiny_data, workdir):
         "validation": f"{split}/val",
     }
     assert run.data.tags["dataset.manifest_digest"].startswith(inputs["training"].digest)
+    # MLflow's system metrics (CPU and memory here), sampled by the training rank, once per epoch.
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == list(range(SMOKE_EPOCHS)) and all(m.value >= 0 for m in cpu)
+    memory = run.data.metrics["system/system_memory_usage_megabytes"]
+    assert 0 < memory < psutil.virtual_memory().total / 1e6
     if cfg.tracking.register_as:
         assert outcome.registration is not None and outcome.registration.name == cfg.tracking.register_as
 
@@ -410,13 +416,13 @@ def test_local_mode_raises_the_training_error_as_a_launch_error(tmp_path):
     from pipeline.config import CheckpointConfig, ScalingConfig
     from pipeline.launch import LaunchError, launch
 
-    def train_fn(config):
-        raise KeyError(config["missing"])
+    def train_fn(spec):
+        raise KeyError(spec["missing"])
 
     with pytest.raises(LaunchError, match="KeyError"):
         launch(
             train_fn,
-            loop_config={"missing": "head"},
+            spec={"missing": "head"},
             scaling=ScalingConfig(num_workers=0),
             checkpoint=CheckpointConfig(),
             storage_path=str(tmp_path),

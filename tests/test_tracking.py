@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pipeline import provenance
 from pipeline.stack import free_port
 from pipeline.tracking import NullTracker, Tracker
 
@@ -103,7 +104,7 @@ def test_artifact_tags_and_close_status(store, tmp_path):
     tracker = _tracker(store, experiment="artifacts")
     (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.1\n")
     tracker.log_artifact(str(tmp_path / "config.yaml"), artifact_path="config")
-    tags = mlflow_tracker.run_tags(
+    tags = provenance.run_tags(
         "s3://user:secret@bucket/toy/manifest.json",
         manifest_digest="sha256:abc",
         arch="cifar_resnet20",
@@ -133,15 +134,15 @@ def test_artifact_tags_and_close_status(store, tmp_path):
 
 
 def test_git_revision_outside_a_checkout_is_unknown(tmp_path):
-    assert mlflow_tracker.git_revision(tmp_path) == "unknown"
+    assert provenance.git_revision(tmp_path) == "unknown"
 
 
 def test_redact_uri():
-    assert mlflow_tracker.redact_uri("https://alice:p%40ss@mlflow.example:5000/x") == (
+    assert provenance.redact_uri("https://alice:p%40ss@mlflow.example:5000/x") == (
         "https://mlflow.example:5000/x"
     )
-    assert mlflow_tracker.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    assert mlflow_tracker.redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+    assert provenance.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert provenance.redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
 
 
 def test_null_tracker_off_rank_zero_and_when_off(store):
@@ -172,7 +173,7 @@ def test_unreachable_server_fails_fast_without_password():
         mlflow_tracker.open_tracker(uri=uri, experiment="x", run_name="r", required=True)
     assert time.monotonic() - start < 10
     message = str(error.value)
-    assert mlflow_tracker.redact_uri(uri) in message and "hunter2" not in message and "alice" not in message
+    assert provenance.redact_uri(uri) in message and "hunter2" not in message and "alice" not in message
     assert "tracking.required=false" in message and "tracking.uri" in message
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from pipeline.experiments.source import ensure_source
 from pipeline.experiments.spec import ArmPlan, dotted, output_stem, plan_arms
 from pipeline.experiments.stats import Results, Verdict
 from pipeline.experiments.verdicts import judge
+from pipeline.lifecycle import RunTarget, TrackedRun
 from pipeline.tracking.base import NullTracker, Tracker
 
 
@@ -64,48 +66,87 @@ def run_experiment(
     cfg: ExperimentConfig, *, command: str, log: Callable[[str], None] = lambda line: None
 ) -> ExperimentOutcome:
     """Run every arm and seed, judge, report. ConfigError (before anything trains) for a bad arm."""
-    from pipeline.pretrain import manifest_digest, validate
-    from pipeline.tracking.mlflow_tracker import child_tracker, git_revision, open_tracker, redact_uri
+    from pipeline.lifecycle import execute
 
-    started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg)
-    train_manifest = load_manifest(data.train_manifest)
-    data_args = {
-        "train_manifest": data.train_manifest,
-        "val_manifest": data.val_manifest,
-        "num_classes": train_manifest.num_classes,
-    }
-    plans = plan_arms(cfg, **data_args)
-    for plan in plans:  # fail fast: every arm's model, manifests and batch, before the first epoch anywhere
-        if plan.config.model.name != "source":
-            try:
-                validate(plan.config)
-            except ConfigError as error:
-                raise ConfigError(f"arms.{plan.arm}: {error}") from None
+    return execute(ExperimentJob(cfg, command=command, log=log))
 
-    stem = output_stem(cfg)
-    tracker = open_tracker(
-        uri=cfg.tracking.uri,
-        experiment=cfg.tracking.experiment,
-        run_name=stem,
-        required=cfg.tracking.required,
-    )
-    tracking_uri = getattr(tracker, "tracking_uri", None)
 
-    def child(key: str) -> Tracker:
-        if tracker.run_id is None:
-            return NullTracker()
-        return child_tracker(
-            tracking_uri=tracking_uri,
-            parent_run_id=tracker.run_id,
-            key_tag="experiment.run",
-            key=key,
-            run_name=f"{stem}/{key}",
+@dataclass(frozen=True)
+class ExperimentPlan:
+    device: torch.device
+    data: Any
+    """The prepared data (:func:`pipeline.experiments.data.prepare_data`)."""
+    data_args: dict[str, Any]
+    plans: list[ArmPlan]
+    stem: str
+    started: float
+
+
+@dataclass(frozen=True)
+class Ran:
+    runs: list[ArmRun]
+    source_fact: list[str]
+
+
+class ExperimentJob:
+    """An experiment as :func:`pipeline.lifecycle.execute` runs it: one parent run, a child run per arm and
+    seed, the verdict and the evidence page published at the end."""
+
+    def __init__(self, cfg: ExperimentConfig, *, command: str, log: Callable[[str], None]) -> None:
+        self.cfg, self.command, self.log = cfg, command, log
+
+    def prepare(self) -> ExperimentPlan:
+        from pipeline.pretrain import validate
+
+        cfg = self.cfg
+        started = time.perf_counter()
+        device = resolve_device(cfg.device)
+        data = prepare_data(cfg)
+        train_manifest = load_manifest(data.train_manifest)
+        data_args = {
+            "train_manifest": data.train_manifest,
+            "val_manifest": data.val_manifest,
+            "num_classes": train_manifest.num_classes,
+        }
+        plans = plan_arms(cfg, **data_args)
+        for (
+            plan
+        ) in plans:  # fail fast: every arm's model, manifests and batch, before the first epoch anywhere
+            if plan.config.model.name != "source":
+                try:
+                    validate(plan.config)
+                except ConfigError as error:
+                    raise ConfigError(f"arms.{plan.arm}: {error}") from None
+        return ExperimentPlan(
+            device=device, data=data, data_args=data_args, plans=plans, stem=output_stem(cfg), started=started
         )
 
-    status = "FAILED"
-    try:
+    def target(self, plan: ExperimentPlan) -> RunTarget:
+        return RunTarget(
+            uri=self.cfg.tracking.uri,
+            experiment=self.cfg.tracking.experiment,
+            run_name=plan.stem,
+            required=self.cfg.tracking.required,
+        )
+
+    def run(self, plan: ExperimentPlan, run: TrackedRun) -> Ran:
+        from pipeline.pretrain import manifest_digest
+        from pipeline.provenance import git_revision, redact_uri
+        from pipeline.tracking.mlflow_tracker import child_tracker
+
+        cfg, tracker, tracking_uri, data = self.cfg, run.tracker, run.tracking_uri, plan.data
+
+        def child(key: str) -> Tracker:
+            if tracker.run_id is None:
+                return NullTracker()
+            return child_tracker(
+                tracking_uri=tracking_uri,
+                parent_run_id=tracker.run_id,
+                key_tag="experiment.run",
+                key=key,
+                run_name=f"{plan.stem}/{key}",
+            )
+
         tracker.set_tags(
             {
                 "pipeline.job": "experiment",
@@ -114,7 +155,7 @@ def run_experiment(
                 "claim": cfg.claim,
                 "git.revision": git_revision(),
                 "dataset.manifest_url": redact_uri(data.train_manifest),
-                "dataset.manifest_digest": manifest_digest(train_manifest),
+                "dataset.manifest_digest": manifest_digest(load_manifest(data.train_manifest)),
             }
         )
         tracker.log_params(
@@ -130,43 +171,55 @@ def run_experiment(
                 },
             }
         )
-        source_uri, source_fact = None, []
+        plans, source_fact = plan.plans, []
         if _needs_source(plans):
             source_uri, trained_now = ensure_source(
-                cfg, data, device=device, open_tracker=lambda: child("source")
+                cfg, data, device=plan.device, open_tracker=lambda: child("source")
             )
             how = "pre-trained in this run" if trained_now else "reused from the cache"
             source_fact = [
                 f"- Fine-tuning source: `{source_uri}` ({how}; recipe `{cfg.source.recipe}` with "
                 f"{cfg.source.overrides or 'no overrides'})"
             ]
-            log(f"source: {source_uri} ({how})")
-            plans = plan_arms(cfg, **data_args, source_uri=source_uri)
+            self.log(f"source: {source_uri} ({how})")
+            plans = plan_arms(cfg, **plan.data_args, source_uri=source_uri)
 
         runs: list[ArmRun] = []
-        for index, plan in enumerate(plans, start=1):
-            run = _train_plan(
-                plan,
+        for index, arm_plan in enumerate(plans, start=1):
+            arm_run = _train_plan(
+                arm_plan,
                 cfg=cfg,
-                device=device,
-                tracker=child(f"{plan.arm}/seed{plan.seed}"),
+                device=plan.device,
+                tracker=child(f"{arm_plan.arm}/seed{arm_plan.seed}"),
                 tracking_uri=tracking_uri,
             )
-            runs.append(run)
-            shown = ", ".join(f"{m} {run.summary.get(m, float('nan')):.3f}" for m in cfg.metrics)
-            log(
-                f"[{index}/{len(plans)}] {plan.arm} seed {plan.seed}: {shown} ({run.summary['seconds']:.0f} s)"
+            runs.append(arm_run)
+            shown = ", ".join(f"{m} {arm_run.summary.get(m, float('nan')):.3f}" for m in cfg.metrics)
+            self.log(
+                f"[{index}/{len(plans)}] {arm_plan.arm} seed {arm_plan.seed}: {shown} "
+                f"({arm_run.summary['seconds']:.0f} s)"
             )
+        return Ran(runs=runs, source_fact=source_fact)
 
-        results = results_of(runs)
-        verdict = judge(cfg, results)
-        seconds = time.perf_counter() - started
+    def settle(self, plan: ExperimentPlan, run: TrackedRun, ran: Ran) -> tuple[Ran, Results, Verdict]:
+        """The verdict, from the measured numbers (each arm's run was closed as it ended)."""
+        results = results_of(ran.runs)
+        return ran, results, judge(self.cfg, results)
+
+    def publish(
+        self, plan: ExperimentPlan, run: TrackedRun, settled: tuple[Ran, Results, Verdict]
+    ) -> ExperimentOutcome:
+        """The evidence page and plot, also logged to the parent run with the verdict."""
+        cfg, tracker = self.cfg, run.tracker
+        ran, results, verdict = settled
+        runs = ran.runs
+        seconds = time.perf_counter() - plan.started
         output_dir = Path(cfg.output_dir)
-        plot_path = plot(cfg, runs, output_dir / f"{stem}.png")
+        plot_path = plot(cfg, runs, output_dir / f"{plan.stem}.png")
         facts = [
-            f"- Device: {_device_label(device)}; wall time {seconds / 60:.1f} min for {len(plans)} runs "
+            f"- Device: {_device_label(plan.device)}; wall time {seconds / 60:.1f} min for {len(runs)} runs "
             f"({len(cfg.arms)} arms x {len(cfg.seeds)} seeds), data preparation included",
-            *source_fact,
+            *ran.source_fact,
             (
                 f"- MLflow: experiment `{cfg.tracking.experiment}`, parent run `{tracker.run_id}` "
                 f"(one child run per arm and seed)"
@@ -181,14 +234,12 @@ def run_experiment(
                 f"{cfg.flops_match.target_factor}x the `{cfg.flops_match.baseline_arm}` arm's; the MMACs column is "
                 "each trained model's own count"
             )
-        markdown_path = output_dir / f"{stem}.md"
+        markdown_path = output_dir / f"{plan.stem}.md"
         markdown_path.write_text(
-            markdown(cfg, runs, verdict, command=command, plot_name=plot_path.name, facts=facts)
+            markdown(cfg, runs, verdict, command=self.command, plot_name=plot_path.name, facts=facts)
         )
-
         if tracker.run_id is not None:
             _publish(tracker, cfg, results, verdict, files=(markdown_path, plot_path))
-        status = "FINISHED"
         return ExperimentOutcome(
             name=cfg.name,
             verdict=verdict,
@@ -196,14 +247,9 @@ def run_experiment(
             markdown_path=markdown_path,
             plot_path=plot_path,
             parent_run_id=tracker.run_id,
-            tracking_uri=tracking_uri,
+            tracking_uri=run.tracking_uri,
             seconds=seconds,
         )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.close(status=status)
 
 
 def _train_plan(
@@ -212,10 +258,9 @@ def _train_plan(
     """One (arm, seed) in its child run: config as params, fit's and the experiment's metrics per epoch, the
     summary at the end; the run is closed FINISHED, or FAILED / KILLED when training raises."""
     from pipeline.pretrain import validate_model
-    from pipeline.tracking.mlflow_tracker import flatten_params
+    from pipeline.provenance import flatten_params
 
-    status = "FAILED"
-    try:
+    with TrackedRun(tracker):  # closed FINISHED, or FAILED / KILLED when training raises
         config, payload = resolve_source(plan.config, tracking_uri=tracking_uri)
         tracker.set_tags(
             {
@@ -231,12 +276,6 @@ def _train_plan(
         )
         summary = summarize(trained, config)
         tracker.log_metrics({f"summary/{key}": value for key, value in summary.items()}, step=0)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.close(status=status)
     return ArmRun(plan.arm, plan.seed, plan.overrides, trained.history, summary, tracker.run_id)
 
 

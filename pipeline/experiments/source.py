@@ -50,7 +50,7 @@ def ensure_source(
         return cfg.source.uri, False
     from pipeline.experiments.arm import train_arm
     from pipeline.pretrain import EXPORT_WEIGHTS, export_model, validate
-    from pipeline.tracking.mlflow_tracker import flatten_params
+    from pipeline.provenance import flatten_params
 
     source_cfg = source_config(cfg, data)
     directory = cached_source_dir(cfg, source_cfg)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import (
     ConfigError,
@@ -34,6 +34,7 @@ from pipeline.data import storage
 from pipeline.data.storage import StorageError
 from pipeline.errors import PipelineError
 from pipeline.pretrain import (
+    Validated,
     absolute_storage,
     localize,
     log_datasets,
@@ -44,6 +45,10 @@ from pipeline.pretrain import (
     validate_model,
 )
 from pipeline.search.space import Candidates, apply_overrides, sample_candidates
+
+if TYPE_CHECKING:
+    from pipeline.lifecycle import RunTarget, TrackedRun
+    from pipeline.search.tuner import TrialResult
 
 SEARCH_MARKER = "pipeline_search.json"
 BEST_CONFIG = "best_config.yaml"
@@ -176,86 +181,148 @@ def _latest_state(trial_storage: str) -> str | None:
 
 def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
     """Validate, sample, track, tune, settle, summarize. ConfigError for bad input (before Ray)."""
-    from pipeline.tracking.mlflow_tracker import child_runs, flatten_params, open_tracker
+    from pipeline.lifecycle import execute
 
-    base = base_config(cfg)
-    if base.scaling.num_workers == 0:
-        # Tune hears a trial's epochs through the Train workers' reports (TuneReportCallback), which Ray
-        # Train's local mode never calls back: every trial would end with nothing reported.
-        raise ConfigError("pretrain.scaling.num_workers: a search's trials need Ray Train workers; use >= 1")
-    validated = validate(base)
-    base = localize(base)
-    max_epochs = base.train.epochs
-    candidates: Candidates = sample_candidates(
-        base,
-        cfg.space,
-        num_trials=cfg.search.num_trials,
-        seed=cfg.search.seed,
-        num_classes=validated.num_classes,
-    )
-    for index, overrides in enumerate(candidates.overrides):
-        try:
-            validate_model(apply_overrides(base, overrides))
-        except ConfigError as error:
-            raise ConfigError(f"space (trial {index}): {error}") from None
-    storage_path = absolute_storage(cfg.search.storage_path or storage.default_location("tune"))
-    name = resolve_run_name(
-        storage_path,
-        cfg.search.name or f"tune-{base.model.name}",
-        resume=resume,
-        markers=(SEARCH_MARKER, "tuner.pkl"),
-    )
-    preflight(
-        base,
-        {
-            "pretrain.data.train_manifest": base.data.train_manifest,
-            "pretrain.data.val_manifest": base.data.val_manifest,
-            "search.storage_path": storage_path,
-        },
-        concurrent=cfg.search.max_concurrent_trials,
-        search=True,
-    )
-    search_url = storage.join(storage_path, name)
-    marker_url = storage.join(search_url, SEARCH_MARKER)
-    previous = json.loads(storage.read_bytes(marker_url)) if resume and storage.exists(marker_url) else {}
-    tracker = open_tracker(
-        uri=base.tracking.uri,
-        experiment=base.tracking.experiment,
-        run_name=name,
-        required=base.tracking.required,
-        run_id=previous.get("parent_run_id"),
-    )
-    tracking_uri = getattr(tracker, "tracking_uri", None)
-    if tracker.run_id is not None:
-        log_datasets(tracker, validated)
-        tracker.set_tags({"pipeline.job": "tune", "pipeline.search_url": search_url})
-        tracker.log_params(flatten_params({"search": to_dict(cfg.search), "space": to_dict(cfg.space)}))
-        tracker.log_params({"recipe": cfg.recipe, "search.max_epochs": max_epochs})
-        tracker.log_text(dump_yaml(cfg), "config/search.yaml")
-        tracker.log_text(dump_yaml(base), "config/base_pretrain.yaml")
-    storage.makedirs(search_url)
-    storage.write_bytes_atomic(marker_url, json.dumps({"parent_run_id": tracker.run_id}).encode())
+    return execute(SearchJob(cfg, resume=resume))
 
-    status = "FAILED"
-    try:
-        from pipeline.search.tuner import run_trials
 
-        spec = {
-            "base": to_dict(base),
-            "tracking_uri": tracking_uri,
-            "parent_run_id": tracker.run_id,
-            "train_storage": storage.join(search_url, "trials"),
-        }
-        results = run_trials(
-            spec=spec,
-            candidates=candidates.overrides,
-            search=cfg.search,
-            max_epochs=max_epochs,
-            storage_path=storage_path,
-            name=name,
-            resume=resume,
-            scaling=base.scaling,
+@dataclass(frozen=True)
+class SearchPlan:
+    """What :meth:`SearchJob.prepare` settled before anything started."""
+
+    base: PretrainConfig
+    """The recipe with the search's changes, manifest paths made absolute."""
+    validated: Validated
+    candidates: Candidates
+    name: str
+    storage_path: str
+    search_url: str
+    previous_run_id: str | None
+
+    @property
+    def train_storage(self) -> str:
+        return storage.join(self.search_url, "trials")
+
+
+@dataclass(frozen=True)
+class Settled:
+    results: list[TrialResult]
+    summaries: list[TrialSummary]
+    best: TrialSummary
+
+
+class SearchJob:
+    """The search as :func:`pipeline.lifecycle.execute` runs it: one parent run, a child run per trial."""
+
+    def __init__(self, cfg: TuneConfig, *, resume: bool = False) -> None:
+        self.cfg, self.resume = cfg, resume
+
+    def prepare(self) -> SearchPlan:
+        cfg = self.cfg
+        base = base_config(cfg)
+        if base.scaling.num_workers == 0:
+            # Tune hears a trial's epochs through the Train workers' reports (TuneReportCallback), which Ray
+            # Train's local mode never calls back: every trial would end with nothing reported.
+            raise ConfigError(
+                "pretrain.scaling.num_workers: a search's trials need Ray Train workers; use >= 1"
+            )
+        validated = validate(base)
+        base = localize(base)
+        candidates = sample_candidates(
+            base,
+            cfg.space,
+            num_trials=cfg.search.num_trials,
+            seed=cfg.search.seed,
+            num_classes=validated.num_classes,
         )
+        for index, overrides in enumerate(candidates.overrides):
+            try:
+                validate_model(apply_overrides(base, overrides))
+            except ConfigError as error:
+                raise ConfigError(f"space (trial {index}): {error}") from None
+        storage_path = absolute_storage(cfg.search.storage_path or storage.default_location("tune"))
+        name = resolve_run_name(
+            storage_path,
+            cfg.search.name or f"tune-{base.model.name}",
+            resume=self.resume,
+            markers=(SEARCH_MARKER, "tuner.pkl"),
+        )
+        preflight(
+            base,
+            {
+                "pretrain.data.train_manifest": base.data.train_manifest,
+                "pretrain.data.val_manifest": base.data.val_manifest,
+                "search.storage_path": storage_path,
+            },
+            concurrent=cfg.search.max_concurrent_trials,
+            search=True,
+        )
+        search_url = storage.join(storage_path, name)
+        marker_url = storage.join(search_url, SEARCH_MARKER)
+        previous = (
+            json.loads(storage.read_bytes(marker_url)) if self.resume and storage.exists(marker_url) else {}
+        )
+        return SearchPlan(
+            base=base,
+            validated=validated,
+            candidates=candidates,
+            name=name,
+            storage_path=storage_path,
+            search_url=search_url,
+            previous_run_id=previous.get("parent_run_id"),
+        )
+
+    def target(self, plan: SearchPlan) -> RunTarget:
+        from pipeline.lifecycle import RunTarget
+
+        tracking = plan.base.tracking
+        return RunTarget(
+            uri=tracking.uri,
+            experiment=tracking.experiment,
+            run_name=plan.name,
+            required=tracking.required,
+            run_id=plan.previous_run_id,
+        )
+
+    def run(self, plan: SearchPlan, run: TrackedRun) -> list[TrialResult]:
+        from pipeline.provenance import flatten_params
+        from pipeline.search.tuner import TrialRuns, run_trials
+        from pipeline.specs import TrialSpec
+
+        cfg, tracker = self.cfg, run.tracker
+        if tracker.run_id is not None:
+            log_datasets(tracker, plan.validated)
+            tracker.set_tags({"pipeline.job": "tune", "pipeline.search_url": plan.search_url})
+            tracker.log_params(flatten_params({"search": to_dict(cfg.search), "space": to_dict(cfg.space)}))
+            tracker.log_params({"recipe": cfg.recipe, "search.max_epochs": plan.base.train.epochs})
+            tracker.log_text(dump_yaml(cfg), "config/search.yaml")
+            tracker.log_text(dump_yaml(plan.base), "config/base_pretrain.yaml")
+        storage.makedirs(plan.search_url)
+        storage.write_bytes_atomic(
+            storage.join(plan.search_url, SEARCH_MARKER),
+            json.dumps({"parent_run_id": tracker.run_id}).encode(),
+        )
+        return run_trials(
+            spec=TrialSpec(base=plan.base, train_storage=plan.train_storage),
+            candidates=plan.candidates.overrides,
+            search=cfg.search,
+            max_epochs=plan.base.train.epochs,
+            storage_path=plan.storage_path,
+            name=plan.name,
+            resume=self.resume,
+            scaling=plan.base.scaling,
+            runs=TrialRuns(tracking_uri=run.tracking_uri, parent_run_id=run.run_id)
+            if run.run_id is not None
+            else None,
+        )
+
+    def settle(self, plan: SearchPlan, run: TrackedRun, ran: list[TrialResult]) -> Settled:
+        """Each trial's child run gets its final status and stop reason; the parent run says how many trials
+        failed and why. Raises :class:`SearchFailedError` when no trial finished with a score."""
+        from pipeline.tracking.mlflow_tracker import child_runs
+
+        cfg, tracker, tracking_uri = self.cfg, run.tracker, run.tracking_uri
+        results = list(ran)
         children = {}
         if tracker.run_id is not None:
             children = {
@@ -269,7 +336,7 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                 # trial had already checkpointed, which its restart then does not re-run.
                 history = _child_history(tracking_uri, child.info.run_id, cfg.search.metric)
                 trial = results[position] = dataclasses.replace(trial, history=history or trial.history)
-            reason = _stop_reason(trial, max_epochs=max_epochs, scheduler=cfg.search.scheduler)
+            reason = _stop_reason(trial, max_epochs=plan.base.train.epochs, scheduler=cfg.search.scheduler)
             summaries.append(
                 TrialSummary(
                     index=trial.index,
@@ -301,17 +368,26 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                 )
             raise SearchFailedError(f"none of the {len(summaries)} trials reported {cfg.search.metric}")
         sign = 1 if cfg.search.mode == "max" else -1
-        best = max(scored, key=lambda s: sign * s.best)
+        return Settled(results=results, summaries=summaries, best=max(scored, key=lambda s: sign * s.best))
+
+    def publish(self, plan: SearchPlan, run: TrackedRun, settled: Settled) -> SearchOutcome:
+        """The best config (a pre-training recipe as is), the summary on the parent run, and the best
+        trial's model exported and registered from its checkpoint in the search's storage."""
+        from pipeline.provenance import flatten_params
+
+        cfg, tracker, tracking_uri = self.cfg, run.tracker, run.tracking_uri
+        results, summaries, best = settled.results, settled.summaries, settled.best
+        name, candidates = plan.name, plan.candidates
         best_trial = next(t for t in results if t.index == best.index)
-        best_cfg = apply_overrides(base, best.overrides)
+        best_cfg = apply_overrides(plan.base, best.overrides)
         best_cfg_text = (
             f"# Best config of search {name}: trial {best.index}, best {cfg.search.metric} = {best.best:.4f}\n"
             f"# Use it as is: python jobs/pretrain.py --config <this file>\n" + dump_yaml(best_cfg)
         )
-        best_config_url = storage.join(search_url, BEST_CONFIG)
+        best_config_url = storage.join(plan.search_url, BEST_CONFIG)
         storage.write_bytes_atomic(best_config_url, best_cfg_text.encode())
         epochs_used = sum(s.epochs for s in summaries)
-        budget = max_epochs * len(summaries)
+        budget = plan.base.train.epochs * len(summaries)
         keys = sorted({k for s in summaries for k in s.overrides})
         registration = None
         if tracker.run_id is not None:
@@ -340,34 +416,33 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
                     results, cfg.search.metric, Path(scratch) / "learning_curves.png", best_index=best.index
                 )
                 tracker.log_artifact(plot, artifact_path="plots")
-            state_url = _latest_state(storage.join(spec["train_storage"], f"train-{best_trial.trial_id}"))
+            state_url = _latest_state(storage.join(plan.train_storage, f"train-{best_trial.trial_id}"))
             if state_url is None:
                 print(
-                    f"search: trial {best.index} left no checkpoint under {spec['train_storage']}; "
+                    f"search: trial {best.index} left no checkpoint under {plan.train_storage}; "
                     "its model is not registered (its config is in best_config.yaml)",
                     file=sys.stderr,
                 )
             elif best.run_id is not None:
-                from pipeline.pretrain import load_state
                 from pipeline.tracking.mlflow_tracker import MlflowTracker
+                from pipeline.train.state import read_state
 
-                state = load_state(state_url)
+                state = read_state(state_url)
                 child_tracker = MlflowTracker(
                     tracking_uri=tracking_uri, experiment="", run_name="", run_id=best.run_id
                 )
                 registration = publish_model(
                     state,
                     best_cfg,
-                    validated,
+                    plan.validated,
                     tracker=child_tracker,
-                    export_url=storage.join(search_url, "best_model"),
+                    export_url=storage.join(plan.search_url, "best_model"),
                 )
                 _settle_child(tracking_uri, best.run_id, best.stop_reason, None)
                 tracker.set_tags({"best.run_id": best.run_id})
-        status = "FINISHED"
         return SearchOutcome(
             name=name,
-            search_url=search_url,
+            search_url=plan.search_url,
             trials=summaries,
             best_index=best.index,
             best_objective=best.best,
@@ -379,12 +454,6 @@ def run_search(cfg: TuneConfig, *, resume: bool = False) -> SearchOutcome:
             tracking_uri=tracking_uri,
             registration=registration,
         )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker.run_id is not None:
-            tracker.close(status=status)
 
 
 class SearchFailedError(PipelineError, RuntimeError):

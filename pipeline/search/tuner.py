@@ -19,9 +19,10 @@ from typing import Any
 
 from ray import tune
 
-from pipeline.config import PretrainConfig, SearchConfig, from_dict, to_dict
+from pipeline.config import SearchConfig
 from pipeline.launch import TRACKED_KEY, ensure_ray, launch, log_points, pretrain_worker
 from pipeline.search.space import apply_overrides
+from pipeline.specs import TrialSpec, WorkerSpec
 
 TRIAL_TAG = "tune.trial_id"
 
@@ -38,20 +39,20 @@ class TrialResult:
     error: str | None
 
 
-def trial_fn(config: dict[str, Any], spec: dict[str, Any]) -> None:
+def trial_fn(config: dict[str, Any], spec: TrialSpec) -> None:
     """One trial: apply its candidate to the base config and train with DDP. It never talks to MLflow: its
     reports reach Tune through ``TuneReportCallback``, and :class:`TrialRuns` logs them on the driver."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     index, overrides = config["trial"]["index"], config["trial"]["overrides"]
-    cfg = apply_overrides(from_dict(PretrainConfig, spec["base"]), overrides)
+    cfg = apply_overrides(spec.base, overrides)
     launch(
         pretrain_worker,
-        loop_config={"config": to_dict(cfg), "run_name": f"trial-{index:03d}"},
+        spec=WorkerSpec(config=cfg, run_name=f"trial-{index:03d}"),
         scaling=cfg.scaling,
         checkpoint=cfg.checkpoint,
-        storage_path=spec["train_storage"],
+        storage_path=spec.train_storage,
         name=f"train-{trial_id}",
         metric=cfg.train.early_stopping.metric,
         mode=cfg.train.early_stopping.mode,
@@ -75,7 +76,8 @@ class TrialRuns(tune.Callback):
 
     def _run(self, trial) -> Any:
         if trial.trial_id not in self._runs:
-            from pipeline.tracking.mlflow_tracker import TolerantTracker, child_tracker, redact_uri
+            from pipeline.provenance import redact_uri
+            from pipeline.tracking.mlflow_tracker import TolerantTracker, child_tracker
 
             index, overrides = trial.config["trial"]["index"], trial.config["trial"]["overrides"]
             child = child_tracker(
@@ -129,7 +131,7 @@ def _scheduler(search: SearchConfig, *, max_epochs: int):
 
 def run_trials(
     *,
-    spec: dict[str, Any],
+    spec: TrialSpec,
     candidates: list[dict[str, Any]],
     search: SearchConfig,
     max_epochs: int,
@@ -137,8 +139,10 @@ def run_trials(
     name: str,
     resume: bool,
     scaling: Any,
+    runs: TrialRuns | None = None,
 ) -> list[TrialResult]:
-    """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``."""
+    """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``; ``runs`` records
+    the trials in MLflow from this process (None: tracking is off)."""
     ensure_ray(scaling, concurrent=search.max_concurrent_trials, trial_drivers=True)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), {"cpu": 0.01})
     path = f"{storage_path.rstrip('/')}/{name}"
@@ -162,9 +166,7 @@ def run_trials(
                 # Worker failures are retried inside each Train run; a trial that still fails stays failed.
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
-                callbacks=[TrialRuns(tracking_uri=spec["tracking_uri"], parent_run_id=spec["parent_run_id"])]
-                if spec["parent_run_id"]
-                else [],
+                callbacks=[runs] if runs is not None else [],
             ),
         )
     grid = tuner.fit()

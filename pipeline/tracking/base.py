@@ -10,7 +10,10 @@ from typing import Any, Protocol
 
 
 class Tracker(Protocol):
+    """Everything the drivers and the loop use of a run's record (the MLflow adapter implements it)."""
+
     run_id: str | None
+    tracking_uri: str | None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
@@ -19,6 +22,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
 
     def log_artifact(self, local_path: str, *, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
 
     def log_history(self, history: list[dict[str, float]]) -> int: ...
 
@@ -33,6 +38,7 @@ class NullTracker:
     """Accepts everything, records nothing."""
 
     run_id: str | None = None
+    tracking_uri: str | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -44,6 +50,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, local_path: str, *, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
     def log_history(self, history: list[dict[str, float]]) -> int:

@@ -158,6 +158,7 @@ def fit_run(
         on_epoch_start=parts.on_epoch_start,
         class_weights=parts.class_weights,
         class_names=parts.train_manifest.classes,
+        system_metrics=cfg.tracking.system_metrics,
         **hooks,
     )
 

@@ -32,6 +32,7 @@ from pipeline.train.metrics import classification_metrics, confusion_matrix
 from pipeline.train.optim import regularization_loss
 from pipeline.train.progress import StepProgress, epoch_line
 from pipeline.train.state import TrainState, capture_state, restore_state
+from pipeline.train.system import SystemSampler
 
 # Per-class recall/precision are logged up to this many classes (ImageNet's 1000 would be 2000 series).
 PER_CLASS_METRICS_MAX = 50
@@ -167,6 +168,7 @@ def fit(
     class_weights: torch.Tensor | None = None,
     class_names: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    system_metrics: bool = False,
 ) -> FitResult:
     """Train ``model`` (possibly DDP-wrapped) for up to ``train_cfg.epochs`` epochs.
 
@@ -177,7 +179,8 @@ def fit(
     epoch (fine-tuning stages). ``class_weights`` weight the training loss per class (imbalanced data; the
     validation loss stays unweighted); ``class_names`` name the per-class validation metrics. ``progress``
     receives the human-readable lines (one per epoch, and one every ``train_cfg.progress_interval_s`` inside
-    an epoch): give it on one rank only.
+    an epoch): give it on one rank only. ``system_metrics`` adds the node's CPU, memory and GPU figures to
+    every epoch's metrics (:mod:`pipeline.train.system`).
     """
     tracker = tracker or NullTracker()
     net = unwrap(model)
@@ -238,6 +241,7 @@ def fit(
         epochs=train_cfg.epochs,
     )
     epoch_seconds: list[float] = []
+    sampler = SystemSampler(device) if system_metrics else None
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         if on_epoch_start is not None:
@@ -284,6 +288,7 @@ def fit(
             "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
             "system/data_wait": meter.wait_seconds / train_seconds,
             "system/epoch_s": time.perf_counter() - started,
+            **(sampler.sample() if sampler is not None else {}),
         }
         if not math.isfinite(metrics["train/loss"]):
             raise FloatingPointError(

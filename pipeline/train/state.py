@@ -184,3 +184,13 @@ def save_checkpoint(state: TrainState, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint as a dict of TrainState fields, loaded with ``weights_only=True``."""
     return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def read_state(url: str) -> dict[str, Any]:
+    """A torch file (a checkpoint's state, exported weights) from a local path or ``s3://`` URL, loaded with
+    ``weights_only=True`` onto the CPU."""
+    import io
+
+    from pipeline.data import storage
+
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
