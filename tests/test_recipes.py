@@ -283,7 +283,7 @@ def _search_argv(path: Path, tiny_data, workdir: Path, *extra: str) -> list[str]
 
 
 # Searches run end to end in their own, longer tests: running them here again would only repeat them.
-RUN_ELSEWHERE = {"toy_asha": "test_tune.py"}
+RUN_ELSEWHERE = {"toy_asha": "test_multinode.py"}
 
 
 def test_searches_run_elsewhere_really_are():

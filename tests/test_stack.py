@@ -1,14 +1,13 @@
 """The real local stack (Ray head + MLflow server + moto S3 endpoint on 127.0.0.1, free ports): lifecycle,
-``ray job submit`` of the toy pre-training recipe with shards and checkpoints in the S3 endpoint, ``ray job
-stop`` then ``--resume``, a Tune search as a Ray job, and the faults users hit: the MLflow server dying
-mid-run and the S3 endpoint restarting between epochs. One module, one Ray head: Ray tests run serially.
+token authentication on every Ray port, a job sent with ``ray job submit`` and the token, two Ray instances
+on one machine, and the S3 endpoint restarting between epochs. The training jobs' own paths on a cluster
+(S3, restarts, MLflow outages, searches) run in test_multinode.py on a three-node cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import toy_pretrain_overrides
 
 from pipeline.stack import Stack, StackConfig, free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +58,6 @@ def stack_env(stack, monkeypatch):
     s3.reset_clients()
 
 
-def _rest(cfg: StackConfig, path: str, **query) -> dict:
-    """MLflow's REST API, as any client of the server would read it."""
-    url = f"{cfg.mlflow_uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
-        return json.loads(response.read())
-
-
 def _wait_for(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -98,7 +88,7 @@ def test_up_is_idempotent_and_restarts_only_what_died(stack):
 
 def test_the_stack_ray_refuses_clients_without_its_token(stack):
     """Ray listens on non-loopback interfaces too (GCS, raylet, agent, client server): the token is the door.
-    The accepted path, `ray job submit` with the token, is every job test below."""
+    The accepted path, `ray job submit` with the token, is the state-probe job below."""
     token_file = stack.cfg.ray_token_path
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.read_text().strip() not in json.dumps(stack.cfg.client_env()), (
@@ -208,123 +198,6 @@ def _submit(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-JOB_EPOCHS = 2
-
-
-def test_job_submit_stop_and_resume(stack, toy_pretrain_manifests, tmp_path):
-    """`ray job stop` half-way, then a second submission with `--resume` finishes the same MLflow run."""
-    from mlflow import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
-    args = [
-        *toy_pretrain_overrides(toy_pretrain_manifests, tmp_path),
-        f"train.epochs={JOB_EPOCHS}",
-        "train.early_stopping.patience=10",
-    ]
-    run_dir = tmp_path / "ray_results" / "toy"
-
-    # 1. Submit, let it checkpoint epoch 0, then stop the whole job (driver and workers).
-    _submit(stack, "pretrain-first", args)
-    _wait_for(
-        lambda: (run_dir / "epoch-0000").exists() or jobs.get_job_status("pretrain-first").is_terminal(),
-        240,
-        "the first epoch's checkpoint",
-    )
-    assert not jobs.get_job_status("pretrain-first").is_terminal(), jobs.get_job_logs("pretrain-first")[
-        -3000:
-    ]
-    stopped = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "stop",
-            "--address",
-            stack.cfg.dashboard_url,
-            "pretrain-first",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **stack.cfg.ray_auth_env()},
-    )
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert _wait_for(lambda: jobs.get_job_status("pretrain-first").is_terminal(), 60, "the stop")
-    assert jobs.get_job_status("pretrain-first") == JobStatus.STOPPED
-    # The stopped job's training workers are gone, so they hold no CPUs the resumed job needs.
-    _wait_for(
-        lambda: (
-            not any(
-                "RayTrainWorker" in " ".join(p.info["cmdline"] or ())
-                for p in psutil.process_iter(["cmdline"])
-            )
-        ),
-        60,
-        "the old workers to exit",
-    )
-
-    # 2. Resume: same run directory, same MLflow run, remaining epochs only.
-    _submit(stack, "pretrain-resume", [*args, "--resume"])
-    status = _wait_job(jobs, "pretrain-resume", 240)
-    logs = jobs.get_job_logs("pretrain-resume")
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "=== pretrain toy:" in logs
-    # Progress a person can read in `ray job logs`: rank 0's line per epoch, no per-rank metric dicts.
-    assert re.search(
-        rf"\[toy\] epoch {JOB_EPOCHS}/{JOB_EPOCHS}  loss \d+\.\d+  top1 .* \| val top1 .* eta 0:00", logs
-    ), logs[-3000:]
-    assert "TrainingReport(" not in logs
-
-    marker = json.loads((run_dir / "pipeline_run.json").read_text())
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("pretrain-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [marker["mlflow_run_id"]], "one MLflow run across stop and resume"
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1"))
-    assert steps == list(range(JOB_EPOCHS)), f"each epoch exactly once, got {steps}"
-    resumed = [m.step for m in client.get_metric_history(run.info.run_id, "system/resumed")]
-    assert resumed and min(resumed) >= 1
-    version = client.get_model_version_by_alias("toy-test", "champion")
-    assert version.run_id == run.info.run_id
-    assert (run_dir / "model" / "model.pt").is_file()
-
-
-def test_search_job_submit(stack, toy_pretrain_manifests, tmp_path):
-    """jobs/tune.py as a Ray job: 2 trials of 1 worker, no scheduler, on the running head node."""
-    from mlflow import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
-    args = [
-        f"pretrain.data.train_manifest={toy_pretrain_manifests['train']}",
-        f"pretrain.data.val_manifest={toy_pretrain_manifests['val']}",
-        "pretrain.data.batch_size_per_worker=50",
-        "pretrain.train.epochs=1",
-        "pretrain.optim.warmup_epochs=0",
-        f"pretrain.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "pretrain.tracking.register_as=null",
-        "search.num_trials=2",
-        "search.scheduler=none",
-        f"search.storage_path={tmp_path}/ray_results",
-        "search.name=job-search",
-    ]
-    _submit(stack, "tune-job", args, script="jobs/tune.py", config="configs/tune/toy_asha.yaml")
-    status = _wait_job(jobs, "tune-job", 300)
-    logs = jobs.get_job_logs("tune-job")
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "=== search job-search: 2 trials ===" in logs
-    assert {f"[trial-00{i}] epoch 1/1" for i in range(2)} <= set(
-        re.findall(r"\[trial-00\d\] epoch 1/1", logs)
-    )
-    assert "TrainingReport(" not in logs
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("tune-toy").experiment_id])
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the parent and 2 trials
-    assert (tmp_path / "ray_results" / "job-search" / "best_config.yaml").is_file()
-
-
 def test_workers_query_their_own_cluster_with_a_second_ray_instance_on_the_machine(stack, tmp_path):
     """Ray Train's placement-group cleaner asks the state API with no address; with two Ray instances on the
     machine Ray's auto-detection fails ("Found multiple active Ray instances"), the cleaner dies and stopped
@@ -374,111 +247,6 @@ def _wait_job(jobs, job_id: str, timeout_s: float):
 def _finished(jobs, job_id: str):
     status = jobs.get_job_status(job_id)
     return status if status.is_terminal() else None
-
-
-def test_pretrain_job_on_the_stack_survives_mlflow_going_down(stack, stack_env, tmp_path):
-    """Shards in S3, `ray job submit`, MLflow killed after epoch 0: training finishes and says what it could
-    not record, every checkpoint is in S3; with MLflow back, `--resume` trains nothing more, back-fills the
-    missing epochs and registers the model. Checked through MLflow's REST API and the bucket itself."""
-    import boto3
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from pipeline.config import ShardConfig, ToyConfig
-    from pipeline.data.prepare import prepare_embedded
-
-    cfg = stack.cfg
-    toy = ToyConfig(
-        root=str(tmp_path / "raw"),
-        image_size=32,
-        pretrain_train_per_class=100,
-        pretrain_val_per_class=20,
-        downstream_train_max=10,
-        downstream_val_per_class=2,
-        downstream_imbalance=2.0,
-    )
-    shards = prepare_embedded(
-        toy, ShardConfig(dest=f"s3://{cfg.bucket}/shards", samples_per_shard=250, workers=1)
-    )
-    manifests = shards.manifests["pretrain"]
-    assert manifests["train"].startswith("s3://")
-    args = [
-        f"data.train_manifest={manifests['train']}",
-        f"data.val_manifest={manifests['val']}",
-        "data.batch_size_per_worker=50",
-        f"train.epochs={EPOCHS}",
-        "train.early_stopping.patience=10",
-        f"tracking.uri={cfg.mlflow_uri}",
-        "tracking.experiment=stack-test",
-        "tracking.register_as=toy-stack",
-        f"checkpoint.storage_path=s3://{cfg.bucket}/ray_results",
-        "checkpoint.name=toy-stack",
-    ]
-    jobs = JobSubmissionClient(cfg.dashboard_url, headers=cfg.ray_auth_headers())
-
-    # 1. Submit; once epoch 0's metrics are in MLflow, kill the server.
-    _submit(stack, "stack-pretrain", args)
-
-    def first_epoch_logged():
-        try:
-            experiment = _rest(cfg, "experiments/get-by-name", experiment_name="stack-test")["experiment"]
-        except urllib.error.HTTPError:  # 404 until the job's driver has created it
-            return None
-        runs = _rest_post(cfg, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}).get(
-            "runs", []
-        )
-        for run in runs:
-            if any(m["key"] == "val/top1" for m in run["data"].get("metrics", [])):
-                return run["info"]["run_id"]
-        return None
-
-    run_id = _wait_for(
-        lambda: _finished(jobs, "stack-pretrain") or first_epoch_logged(), 240, "epoch 0's metrics in MLflow"
-    )
-    assert isinstance(run_id, str), jobs.get_job_logs("stack-pretrain")[-3000:]
-    stack.stop("mlflow")
-
-    status = _wait_job(jobs, "stack-pretrain", 300)
-    logs = jobs.get_job_logs("stack-pretrain")
-    # Training went on to the end; the failure is reported once, clearly, and says nothing is lost.
-    assert status == JobStatus.FAILED, logs[-3000:]
-    assert "tracking: MLflow at" in logs and "training goes on" in logs, logs[-3000:]
-    assert f"training finished ({EPOCHS} epochs" in logs and "nothing is lost" in logs, logs[-3000:]
-    assert "Traceback" not in logs.split("training finished")[-1], "one clear message, not a traceback wall"
-    s3 = boto3.client("s3", endpoint_url=cfg.s3_endpoint)
-    keys = {
-        o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="ray_results/toy-stack/")["Contents"]
-    }
-    assert f"ray_results/toy-stack/epoch-{EPOCHS - 1:04d}/state.pt" in keys, sorted(keys)
-    assert "ray_results/toy-stack/model/model.pt" in keys, "the model is exported even without MLflow"
-
-    # 2. MLflow back (stack up restarts only it, same sqlite store), then --resume publishes.
-    stack.up()
-    _submit(stack, "stack-pretrain-resume", [*args, "--resume"])
-    status = _wait_job(jobs, "stack-pretrain-resume", 300)
-    logs = jobs.get_job_logs("stack-pretrain-resume")
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-
-    run = _rest(cfg, "runs/get", run_id=run_id)["run"]
-    assert run["info"]["status"] == "FINISHED"
-    history = _rest(cfg, "metrics/get-history", run_id=run_id, metric_key="val/top1")["metrics"]
-    assert sorted(m["step"] for m in history) == list(range(EPOCHS)), (
-        "every epoch once, the missed ones back-filled"
-    )
-    version = _rest(cfg, "registered-models/alias", name="toy-stack", alias="champion")["model_version"]
-    assert version["run_id"] == run_id
-    # The registered model's files live in the bucket, proxied there by the MLflow server.
-    mlflow_keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlflow/")["Contents"]]
-    assert any(k.endswith(f"{run_id}/artifacts/model/model.pt") for k in mlflow_keys), mlflow_keys[:20]
-
-
-def _rest_post(cfg: StackConfig, path: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"{cfg.mlflow_uri}/api/2.0/mlflow/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
-        return json.loads(response.read())
 
 
 def test_down_stops_only_what_the_stack_started(tmp_path):
