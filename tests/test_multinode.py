@@ -327,7 +327,9 @@ def test_ranks_on_two_nodes_read_disjoint_shards_and_evaluate_each_sample_once(
     from pipeline.launch import launch
 
     nodes = _alive_nodes()
-    assert sorted(nodes.values()) == [1.0, 2.0, 2.0], f"expected a 1-CPU head and two 2-CPU nodes, got {nodes}"
+    assert sorted(nodes.values()) == [1.0, 2.0, 2.0], (
+        f"expected a 1-CPU head and two 2-CPU nodes, got {nodes}"
+    )
     listening = _listening_addresses(_cluster_pids(two_node_cluster))
     assert listening and listening <= LOOPBACK, f"the cluster listens beyond loopback: {listening}"
 
