@@ -413,7 +413,9 @@ class Stack:
         if not record:
             return
         if name == "ray":
-            _terminate(self._ray_processes())
+            # The GCS server and the autoscaler's monitor take ~15 s to honour SIGTERM (they wait for the
+            # raylet they just lost); the stack's Ray keeps nothing worth a graceful exit, so 3 s, then kill.
+            _terminate(self._ray_processes(), timeout_s=3.0)
             shutil.rmtree(record["temp_dir"], ignore_errors=True)
         else:
             _terminate(_marked(self.stack_id, name))  # the server and any worker processes it forked

@@ -15,6 +15,10 @@ import pytest
 # Offline and quiet: no telemetry, no usage stats. Set before anything imports mlflow or ray.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default: each run's start, end and restart waits for
+# the next poll. The suite runs dozens of tiny runs, so it polls every 0.5 s (inherited by every Ray instance
+# the tests start); the product keeps Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -59,27 +59,6 @@ def _setup(toy_shards, *, epochs, optim=None, early=None, seed=0):
     )
 
 
-def test_resnet20_learns_the_embedded_data(toy_shards):
-    torch.set_num_threads(1)
-    optim = OptimConfig(name="adamw", lr=3e-3, reference_batch_size=BATCH, weight_decay=0.05, warmup_epochs=1)
-    model, kw = _setup(toy_shards, epochs=6, optim=optim)
-    result = fit(model, **kw)
-    assert [h["epoch"] for h in result.history] == list(range(6))
-    final = result.history[-1]
-    # Measured: val top-1 0.09, 0.125, 0.175, 0.185, 0.245, 0.25 (chance 0.10). 0.18 is ~4 standard
-    # deviations of a chance-level score on 200 samples; the pre-training issue's 2-worker run goes further.
-    assert final["val/top1"] > 0.18, result.history
-    assert final["val/top5"] >= final["val/top1"]
-    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
-    for key in ("system/images_per_s", "system/data_wait", "train/lr", "system/epoch_s", "val/macro_f1"):
-        assert key in final
-    # The validation split is balanced (20 per class), so balanced accuracy equals top-1 exactly.
-    assert final["val/balanced_acc"] == pytest.approx(final["val/top1"], abs=1e-12)
-    assert sum(1 for key in final if key.startswith("val/recall/")) == 10
-    # The validation pass covers the whole split exactly once.
-    assert evaluate(model, kw["val_loader"], device=torch.device("cpu"), cfg=kw["train_cfg"]).count == 200
-
-
 def test_early_stopping_restores_the_best_epoch(toy_shards):
     torch.set_num_threads(1)
     # Accuracy cannot rise by min_delta=2, so nothing after the first epoch counts as an improvement: epoch 0
@@ -229,9 +208,11 @@ def test_progress_is_one_readable_line_per_epoch_plus_interval_lines(toy_shards)
     class Recorder(NullTracker):
         def __init__(self):
             self.logged: list[tuple[str, int]] = []
+            self.values: dict[tuple[str, int], float] = {}
 
         def log_metrics(self, metrics, step):
             self.logged += [(key, step) for key in metrics]
+            self.values.update({(key, step): value for key, value in metrics.items()})
 
     torch.set_num_threads(1)
     model, kw = _setup(toy_shards, epochs=2)
@@ -254,6 +235,19 @@ def test_progress_is_one_readable_line_per_epoch_plus_interval_lines(toy_shards)
     step_losses = [step for key, step in tracker.logged if key == "train/loss_step"]
     assert step_losses == sorted(set(step_losses)) and step_losses[-1] == 40, "the global step, once each"
     assert not any(key.startswith("system/cpu") for key, _ in tracker.logged), "system metrics are opt-in"
+
+    # What an epoch reports. (That the loop learns is checked where it trains long enough: the fine-tuning
+    # source's pre-training in test_finetune.py, 8 epochs in-process, and the 3-node DDP job.)
+    result_keys = {key for key, step in tracker.logged if step == 1}
+    for key in ("system/images_per_s", "system/data_wait", "train/lr", "system/epoch_s", "val/macro_f1"):
+        assert key in result_keys, key
+    final = {key: value for key, value in tracker.values.items() if key[1] == 1}
+    # The validation split is balanced (20 per class), so balanced accuracy equals top-1 exactly.
+    assert final[("val/balanced_acc", 1)] == pytest.approx(final[("val/top1", 1)], abs=1e-12)
+    assert final[("val/top5", 1)] >= final[("val/top1", 1)]
+    assert sum(1 for key in result_keys if key.startswith("val/recall/")) == 10
+    # The validation pass covers the whole split exactly once.
+    assert evaluate(model, kw["val_loader"], device=torch.device("cpu"), cfg=kw["train_cfg"]).count == 200
 
     # 0 turns the interval lines (and step losses) off.
     from pipeline.train.progress import StepProgress

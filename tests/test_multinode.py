@@ -684,7 +684,7 @@ def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
     server back, a second job with --resume trains nothing, back-fills the missing epochs and registers."""
     from mlflow import MlflowClient
 
-    epochs = 3
+    epochs = 2
     run_url = f"{cluster_env['PIPELINE_STORAGE_ROOT']}/checkpoints/toy-b"
     args = [
         *JOB_RECIPE_ARGS,
@@ -759,7 +759,7 @@ def test_asha_search_of_two_worker_trials_stopped_and_resumed_on_the_cluster(
 
     from pipeline.config import PretrainConfig, from_dict
 
-    trials, epochs = 4, 3
+    trials, epochs = 4, 2
     search_url = f"{cluster_env['PIPELINE_STORAGE_ROOT']}/tune/search"
     args = [
         "--config",
@@ -860,14 +860,19 @@ def _refused(capsys, main, argv: list[str], field: str, tmp_path: Path) -> None:
     assert len(ray._private.state.actors()) == actors_before, "refused before any worker or trial started"
 
 
-@pytest.mark.parametrize("field", ["data.train_manifest", "checkpoint.storage_path"])
+@pytest.mark.parametrize("field", ["data.train_manifest", "data.val_manifest", "checkpoint.storage_path"])
 def test_local_pretrain_paths_are_refused_on_a_multinode_cluster(
     field, two_node_cluster, multinode_data, tmp_path, capsys
 ):
     from jobs.pretrain import main
 
-    data_root = str(Path(multinode_data["train"]).parents[2])
-    shared = [] if field == "data.train_manifest" else [data_root]  # then only the checkpoints are local
+    # Declared shared: nothing, then only the training shards' folder, then all the data (so that the
+    # field under test is the first local path the check meets).
+    shared = {
+        "data.train_manifest": [],
+        "data.val_manifest": [str(Path(multinode_data["train"]).parent)],
+        "checkpoint.storage_path": [str(Path(multinode_data["train"]).parents[2])],
+    }[field]
     argv = [
         "--config",
         RECIPE,

@@ -109,6 +109,9 @@ def test_the_stack_ray_refuses_clients_without_its_token(stack):
     # A refused ray.init leaves the node agents it started running: mark them to stop them afterwards.
     mark = f"refused-client-{os.getpid()}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # On 127.0.0.1 itself (Ray would otherwise dial the machine's routable address), and 3 connection
+    # attempts instead of Ray's 20 (one per second): a refused client fails at once, it only retries.
+    clean.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_NUM_REDIS_GET_RETRIES": "3"})
     try:
         for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
             result = subprocess.run(
@@ -119,6 +122,15 @@ def test_the_stack_ray_refuses_clients_without_its_token(stack):
                 timeout=120,
             )
             assert result.returncode != 0 and "connected" not in result.stdout, (env, result.stdout[-1000:])
+        # The same client with the stack's token connects: the refusals above were the token's doing.
+        accepted = subprocess.run(
+            [sys.executable, "-c", connect],
+            env={**clean, **stack.cfg.ray_auth_env(), "PIPELINE_TEST_MARK": mark},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert accepted.returncode == 0 and "connected" in accepted.stdout, accepted.stderr[-2000:]
     finally:
         leftovers = []
         for process in psutil.process_iter():
