@@ -33,6 +33,24 @@ def toy_shards(tmp_path_factory):
     return {split: load_manifest(url) for split, url in prepared.manifests["pretrain"].items()}
 
 
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """A fifth of the data, for tests whose assertion does not depend on how much is learned (restoring the
+    best epoch, bit-identical resume, frozen stages): 200 train / 100 val images."""
+    root = tmp_path_factory.mktemp("toy-small")
+    toy = ToyConfig(
+        root=str(root / "raw"),
+        image_size=32,
+        pretrain_train_per_class=20,
+        pretrain_val_per_class=10,
+        downstream_train_max=2,
+        downstream_val_per_class=1,
+        downstream_imbalance=1.0,
+    )
+    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=100, workers=1))
+    return {split: load_manifest(url) for split, url in prepared.manifests["pretrain"].items()}
+
+
 def _setup(toy_shards, *, epochs, optim=None, early=None, seed=0):
     torch.manual_seed(seed)
     data = DataConfig(
@@ -59,12 +77,12 @@ def _setup(toy_shards, *, epochs, optim=None, early=None, seed=0):
     )
 
 
-def test_early_stopping_restores_the_best_epoch(toy_shards):
+def test_early_stopping_restores_the_best_epoch(small_shards):
     torch.set_num_threads(1)
     # Accuracy cannot rise by min_delta=2, so nothing after the first epoch counts as an improvement: epoch 0
     # stays the best and patience 1 stops the run after epoch 1.
     early = EarlyStoppingConfig(metric="val/top1", mode="max", patience=1, min_delta=2.0)
-    model, kw = _setup(toy_shards, epochs=5, early=early)
+    model, kw = _setup(small_shards, epochs=5, early=early)
     snapshots = {}
 
     def snapshot(state, metrics):  # state.model shares storage with the live weights: copy it
@@ -78,13 +96,13 @@ def test_early_stopping_restores_the_best_epoch(toy_shards):
     assert not all(torch.equal(final[k], snapshots[1][k]) for k in final)
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(toy_shards, tmp_path):
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(small_shards, tmp_path):
     torch.set_num_threads(1)
     # Two epochs, killed after the first one's checkpoint: the resumed second epoch must be bit-identical.
-    model, kw = _setup(toy_shards, epochs=2, seed=1)
+    model, kw = _setup(small_shards, epochs=2, seed=1)
     straight = fit(model, **kw)
 
-    model, kw = _setup(toy_shards, epochs=2, seed=1)
+    model, kw = _setup(small_shards, epochs=2, seed=1)
     path = tmp_path / "ckpt.pt"
 
     class Interrupt(Exception):
@@ -97,7 +115,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(toy_shards, tmp_pat
 
     with pytest.raises(Interrupt):
         fit(model, **kw, on_epoch_end=checkpoint_then_die)
-    model, kw = _setup(toy_shards, epochs=2, seed=99)  # different init: everything must come from the file
+    model, kw = _setup(small_shards, epochs=2, seed=99)  # different init: everything must come from the file
     resumed = fit(model, **kw, resume=load_checkpoint(path))
     assert [h["epoch"] for h in resumed.history] == [1], "no duplicated or missing epochs"
     assert resumed.history[0]["val/loss"] == straight.history[1]["val/loss"]
@@ -107,14 +125,14 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(toy_shards, tmp_pat
     )
 
 
-def test_stage_one_trains_the_head_only_then_the_backbone_at_a_lower_lr(toy_shards):
+def test_stage_one_trains_the_head_only_then_the_backbone_at_a_lower_lr(small_shards):
     """Two-stage fine-tuning through the epoch-start hook: during stage 1 the backbone's weights are
     bitwise unchanged and its BatchNorm running statistics do not move; stage 2 trains everything."""
     from pipeline.models import freeze_backbone, get_classifier, unfreeze_backbone
     from pipeline.models.heads import classifier_name
 
     torch.set_num_threads(1)
-    model, kw = _setup(toy_shards, epochs=2)
+    model, kw = _setup(small_shards, epochs=2)
     kw["optimizer"] = build_optimizer(model, kw["optim_cfg"], global_batch_size=BATCH, backbone_lr_factor=0.1)
     kw["scheduler"] = build_scheduler(
         kw["optimizer"], kw["optim_cfg"], steps_per_epoch=1000 // BATCH, epochs=2

@@ -433,6 +433,27 @@ def s3_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
     return prepared.manifests["pretrain"]
 
 
+@pytest.fixture(scope="module")
+def s3_small_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
+    """A third of that (500 / 150 images), for the search: its assertions are about trials, not accuracy."""
+    from pipeline.config import ShardConfig, ToyConfig
+    from pipeline.data.prepare import prepare_embedded
+
+    root = tmp_path_factory.mktemp("s3-small-shards")
+    toy = ToyConfig(
+        root=str(root / "raw"),
+        image_size=32,
+        pretrain_train_per_class=50,
+        pretrain_val_per_class=15,
+        downstream_train_max=2,
+        downstream_val_per_class=1,
+        downstream_imbalance=1.0,
+    )
+    bucket = cluster_env["PIPELINE_STORAGE_ROOT"].split("/")[2]
+    shards = ShardConfig(dest=f"s3://{bucket}/small-shards", samples_per_shard=125, workers=1)
+    return prepare_embedded(toy, shards).manifests["pretrain"]
+
+
 def _jobs(cluster):
     from ray.job_submission import JobSubmissionClient
 
@@ -748,7 +769,7 @@ def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
 
 @pytest.mark.timeout(600)
 def test_asha_search_of_two_worker_trials_stopped_and_resumed_on_the_cluster(
-    two_node_cluster, cluster_env, services, s3_shards
+    two_node_cluster, cluster_env, services, s3_small_shards
 ):
     """A 4-trial ASHA search as a job, each trial a DDP run on both worker nodes, checkpoints in S3, tracked
     to the MLflow server from the search's driver. `ray job stop` once a trial has finished, then a second
@@ -764,8 +785,8 @@ def test_asha_search_of_two_worker_trials_stopped_and_resumed_on_the_cluster(
     args = [
         "--config",
         "configs/tune/toy_asha.yaml",
-        f"pretrain.data.train_manifest={s3_shards['train']}",
-        f"pretrain.data.val_manifest={s3_shards['val']}",
+        f"pretrain.data.train_manifest={s3_small_shards['train']}",
+        f"pretrain.data.val_manifest={s3_small_shards['val']}",
         "pretrain.data.batch_size_per_worker=50",
         "pretrain.data.loader_workers=0",
         f"pretrain.train.epochs={epochs}",
