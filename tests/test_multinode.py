@@ -435,7 +435,8 @@ def s3_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def s3_small_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
-    """A third of that (500 / 150 images), for the search: its assertions are about trials, not accuracy."""
+    """A third of that (500 / 150 images), for the search and the outage run: their assertions are about
+    trials and records, not accuracy."""
     from pipeline.config import ShardConfig, ToyConfig
     from pipeline.data.prepare import prepare_embedded
 
@@ -698,7 +699,7 @@ def _mlflow_rest(services, path: str, **query) -> dict:
 
 @pytest.mark.timeout(600)
 def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
-    two_node_cluster, cluster_env, services, s3_shards, tmp_path
+    two_node_cluster, cluster_env, services, s3_small_shards, tmp_path
 ):
     """Run B: tracking to an MLflow server, which is killed once epoch 0 is logged. Training goes on to the
     end, the job fails with one clear message saying nothing is lost (checkpoints and export in S3); with the
@@ -709,8 +710,8 @@ def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
     run_url = f"{cluster_env['PIPELINE_STORAGE_ROOT']}/checkpoints/toy-b"
     args = [
         *JOB_RECIPE_ARGS,
-        f"data.train_manifest={s3_shards['train']}",
-        f"data.val_manifest={s3_shards['val']}",
+        f"data.train_manifest={s3_small_shards['train']}",
+        f"data.val_manifest={s3_small_shards['val']}",
         "data.batch_size_per_worker=50",
         "data.loader_workers=0",
         f"train.epochs={epochs}",

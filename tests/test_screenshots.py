@@ -91,6 +91,6 @@ def test_pictures_of_the_demo_views(mlflow_server, tmp_path):
         p.stat().st_size for p in written
     ]
     # The DOM check is what makes a picture trustworthy: a run the UI does not show fails it.
-    bogus = shots.View("bogus", views[0].url, ["no-such-run-name"], wait_s=8)
+    bogus = shots.View("bogus", views[0].url, ["no-such-run-name"], wait_s=4)
     with pytest.raises(shots.UIError, match="does not show"):
         shots.check(bogus)
