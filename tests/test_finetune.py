@@ -41,9 +41,7 @@ def pretrained(toy, tmp_path_factory):
     from pipeline.pretrain import export_model, validate
     from pipeline.train.build import build_run, fit_run
 
-    torch.set_num_threads(
-        1
-    )  # 2 OpenMP threads stall in the suite (tests/test_toy.py: 18 s alone, 44 s there)
+    torch.set_num_threads(2)
     cfg = load_config(
         PretrainConfig,
         "configs/pretrain/toy_resnet20.yaml",
@@ -157,9 +155,7 @@ def test_two_stage_from_the_pretrained_model_beats_scratch_on_balanced_accuracy(
     """The lecture's fine-tuning claim on the 10:1 imbalanced downstream task with 40..4 labels per class:
     the same architecture, budget (20 epochs, no early stop) and class weights, two seeds each. Measured
     (docs/finetuning.md): two_stage 0.38-0.40 vs scratch 0.27-0.31 balanced accuracy on 400 val images."""
-    torch.set_num_threads(
-        1
-    )  # 2 OpenMP threads stall in the suite (tests/test_toy.py: 18 s alone, 44 s there)
+    torch.set_num_threads(2)
     scores: dict[str, list[float]] = {"two_stage": [], "scratch": []}
     for strategy in scores:
         for seed in (0, 1):

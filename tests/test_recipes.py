@@ -41,6 +41,9 @@ TUNE = sorted((REPO / "configs" / "tune").glob("*.yaml"))
 SMOKE_EPOCHS = 2
 """Two, not one: a warm-up epoch and a scheduled one, both fine-tuning stages, and a replica check after an
 epoch that is not the last."""
+SEARCH_SMOKE_EPOCHS = 1
+"""A search's trials train one epoch each (2 trials): what a search adds - sampling, trials, the summary,
+the best config and model - does not need a second epoch, and each costs two trials' worth."""
 
 # What the rule may change; everything else must equal the shipped recipe.
 ALLOWED = (
@@ -71,7 +74,7 @@ def _compress_schedule(tree: dict, epochs: int) -> dict[str, object]:
     step, a two-stage run keeps both stages), so the shrunk schedule has the recipe's shape."""
     optim, train = tree.get("optim", {}), tree.get("train", {})
     scale = epochs / train.get("epochs", 90)
-    warmup = min(1, optim.get("warmup_epochs", 0))
+    warmup = min(1, optim.get("warmup_epochs", 0), epochs - 1)  # a warm-up needs an epoch after it
     changes: dict[str, object] = {"train.epochs": epochs, "optim.warmup_epochs": warmup}
     if optim.get("schedule") == "step":
         milestones = optim.get("step_milestones", [30, 60, 80])
@@ -83,7 +86,9 @@ def _compress_schedule(tree: dict, epochs: int) -> dict[str, object]:
     return changes
 
 
-def smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path, ray_workers: int) -> dict:
+def smoke_overrides(
+    tree: dict, *, manifests: dict[str, str], workdir: Path, ray_workers: int, epochs: int = SMOKE_EPOCHS
+) -> dict:
     """The one shrinking rule: dotted key -> value for a PretrainConfig/FinetuneConfig-shaped ``tree``."""
     data = tree.get("data", {})
     return {
@@ -93,7 +98,7 @@ def smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path, ray
         "data.batch_size_per_worker": 8,
         "data.loader_workers": 0,
         "data.shuffle_buffer": min(64, data.get("shuffle_buffer", 2000)),
-        **_compress_schedule(tree, SMOKE_EPOCHS),
+        **_compress_schedule(tree, epochs),
         "scaling.num_workers": ray_workers,
         "scaling.use_gpu": False,
         "scaling.cpus_per_worker": 1,
@@ -259,7 +264,9 @@ def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Pa
     applied to every candidate (at 32 px all pass; scaled by px^2 it would reject most, since the fixed
     head's share of the MACs grows as the image shrinks)."""
     recipe = deep_merge(read_yaml(REPO / tree["recipe"]), tree.get("pretrain", {}))
-    overrides = smoke_overrides(recipe, manifests=manifests, workdir=workdir, ray_workers=1)
+    overrides = smoke_overrides(
+        recipe, manifests=manifests, workdir=workdir, ray_workers=1, epochs=SEARCH_SMOKE_EPOCHS
+    )
     changes = {f"pretrain.{key}": value for key, value in overrides.items()}
     changes.update(
         {
@@ -381,7 +388,9 @@ def test_a_failed_trial_is_never_the_best_and_the_summary_says_why(tiny_data, tm
     assert parent.data.tags["search.failed_trials"] == "1 of 2"
     assert "overflow" in parent.data.tags["search.first_error"]
     assert "1 of 2 trials failed (never chosen as best); first: trial 0: " in out
-    assert "trial 1: 2 epochs" in out and out.split("trial 1: ")[1].splitlines()[0].endswith("<- best")
+    assert f"trial 1: {SEARCH_SMOKE_EPOCHS} epochs" in out and out.split("trial 1: ")[1].splitlines()[
+        0
+    ].endswith("<- best")
 
 
 def test_the_guard_stops_only_errors_a_restart_would_repeat():
