@@ -69,6 +69,17 @@ class RunTarget:
     run_id: str | None = None
     """An existing run to continue (``--resume``), else a new one."""
 
+    @classmethod
+    def of(cls, tracking: Any, *, run_name: str, run_id: str | None = None) -> RunTarget:
+        """The target a config's ``tracking`` section names (:class:`pipeline.config.TrackingConfig`)."""
+        return cls(
+            uri=tracking.uri,
+            experiment=tracking.experiment,
+            run_name=run_name,
+            required=tracking.required,
+            run_id=run_id,
+        )
+
 
 P = TypeVar("P")
 R = TypeVar("R")

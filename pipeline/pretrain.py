@@ -498,12 +498,8 @@ class TrainingJob:
         from pipeline.lifecycle import RunTarget
 
         tracking = plan.cfg.tracking
-        return RunTarget(
-            uri=tracking.uri,
-            experiment=tracking.experiment,
-            run_name=tracking.run_name or plan.run_name,
-            required=tracking.required,
-            run_id=plan.previous_run_id,
+        return RunTarget.of(
+            tracking, run_name=tracking.run_name or plan.run_name, run_id=plan.previous_run_id
         )
 
     def run(self, plan: TrainingPlan, run: TrackedRun) -> tuple[dict[str, Any], dict[str, Any]]:

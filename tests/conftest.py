@@ -8,6 +8,7 @@ standard ``AWS_ENDPOINT_URL_S3`` variable, exactly as it would for any S3-compat
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -103,3 +104,15 @@ def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
         f"checkpoint.storage_path={workdir}/ray_results",
         "checkpoint.name=toy",
     ]
+
+
+def wait_for(predicate, timeout_s: float, what: str, *, every_s: float = 0.5):
+    """``predicate()``'s first truthy value, polled every ``every_s``; AssertionError naming ``what`` after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

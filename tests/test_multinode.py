@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from conftest import toy_pretrain_overrides
+from conftest import wait_for as _wait_for
 from imgtree import write_sized_shards
 
 from pipeline.data import storage
@@ -501,16 +502,6 @@ def _wait_job(cluster, job_id: str, timeout_s: float):
     raise AssertionError(
         f"job {job_id} still running after {timeout_s:.0f} s:\n{jobs.get_job_logs(job_id)[-3000:]}"
     )
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _s3_keys(prefix: str) -> set[str]:

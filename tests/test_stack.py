@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_for as _wait_for
 
 from pipeline.stack import Stack, StackConfig, free_port
 
@@ -56,16 +57,6 @@ def stack_env(stack, monkeypatch):
     s3.reset_clients()
     yield stack.cfg.client_env()
     s3.reset_clients()
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _pids(stack: Stack) -> dict[str, int]:

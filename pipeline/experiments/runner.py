@@ -122,12 +122,7 @@ class ExperimentJob:
         )
 
     def target(self, plan: ExperimentPlan) -> RunTarget:
-        return RunTarget(
-            uri=self.cfg.tracking.uri,
-            experiment=self.cfg.tracking.experiment,
-            run_name=plan.stem,
-            required=self.cfg.tracking.required,
-        )
+        return RunTarget.of(self.cfg.tracking, run_name=plan.stem)
 
     def run(self, plan: ExperimentPlan, run: TrackedRun) -> Ran:
         from pipeline.pretrain import manifest_digest

@@ -275,14 +275,7 @@ class SearchJob:
     def target(self, plan: SearchPlan) -> RunTarget:
         from pipeline.lifecycle import RunTarget
 
-        tracking = plan.base.tracking
-        return RunTarget(
-            uri=tracking.uri,
-            experiment=tracking.experiment,
-            run_name=plan.name,
-            required=tracking.required,
-            run_id=plan.previous_run_id,
-        )
+        return RunTarget.of(plan.base.tracking, run_name=plan.name, run_id=plan.previous_run_id)
 
     def run(self, plan: SearchPlan, run: TrackedRun) -> list[TrialResult]:
         from pipeline.provenance import flatten_params
