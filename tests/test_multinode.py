@@ -697,7 +697,9 @@ def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
     server back, a second job with --resume trains nothing, back-fills the missing epochs and registers."""
     from mlflow import MlflowClient
 
-    epochs = 2
+    # 3 short epochs: the server is stopped once epoch 0 is logged, and epoch 1 may be logged before the stop
+    # lands (epochs take ~2.5 s here), so at least epoch 2 is reported while the server is down.
+    epochs = 3
     run_url = f"{cluster_env['PIPELINE_STORAGE_ROOT']}/checkpoints/toy-b"
     args = [
         *JOB_RECIPE_ARGS,
