@@ -2,7 +2,7 @@
 prepare -> run -> settle -> publish, and the tracking run closed exactly once with the outcome.
 
 * ``prepare``: everything that can fail on bad input or an unreachable service, before resources are taken
-  (validation, names, the cluster-storage check), then the tracking run is opened;
+  (validation, names, the cluster-storage check); :func:`execute` then opens the tracking run;
 * ``run``: the work (Ray Train workers, Tune trials, or arms in this process);
 * ``settle``: make the record match what happened (missed epochs back-filled, trials' statuses);
 * ``publish``: what users take away (exported and registered model, best config, report pages).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.tracking.base import NullTracker, Tracker, exit_status
 
 
 class TrackedRun:
@@ -47,15 +47,8 @@ class TrackedRun:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self.tracker.run_id is None:
-            return
-        if kind is None:
-            status = "FINISHED"
-        elif issubclass(kind, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        self.tracker.close(status=status)
+        if self.tracker.run_id is not None:
+            self.tracker.close(status=exit_status(kind))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,14 @@ class Tracker(Protocol):
     def close(self, *, status: str = "FINISHED") -> None: ...
 
 
+def exit_status(kind: type[BaseException] | None) -> str:
+    """The status a run ends with when its block exits with ``kind`` (None: no exception): a Ctrl-C or a
+    job stop is KILLED, any other error FAILED."""
+    if kind is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+
+
 class NullTracker:
     """Accepts everything, records nothing."""
 

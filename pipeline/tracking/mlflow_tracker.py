@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
 from pipeline.provenance import flatten_params, redact_uri
-from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.tracking.base import NullTracker, Tracker, exit_status
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # A healthy local server answers /health in milliseconds; 3 s tolerates a loaded machine without making an
@@ -193,10 +193,7 @@ class MlflowTracker:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.close(status="KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        self.close(status=exit_status(exc_type))
 
 
 class TolerantTracker:
