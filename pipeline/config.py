@@ -1047,3 +1047,59 @@ class ExperimentConfig:
             )
             for arm in self.flops_match.directions:
                 _check(arm in self.arms, f"flops_match.directions.{arm}", "is not one of the arms")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batch prediction and evaluation (jobs/predict.py)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Predictions of a registered model over a set of images, and its evaluation where they carry labels:
+    ``python jobs/predict.py --model models:/NAME@ALIAS --input SRC --output DEST [key=value ...]``."""
+
+    model: str = ""
+    """models:/name@alias, models:/name/version, runs:/<run id>/model, or a path / s3:// URL of an exported
+    model (a pre-training run directory, its model/ or model.pt)."""
+    input: str = ""
+    """The images: a folder (every file under it), an s3:// prefix (every object under it), or a shard
+    manifest (manifest.json, local or s3://; its labels make the run an evaluation)."""
+    output: str = ""
+    """Directory or s3:// prefix for the predictions (part-NNNNN files), skipped.csv and summary.json."""
+    format: Literal["parquet", "csv"] = "parquet"
+    """File format of the predictions."""
+    labels: Literal["auto", "folders", "none"] = "auto"
+    """Where true labels come from. auto: a manifest's labels, or the folder names when every file of a
+    folder input sits in a folder named after one of the model's classes; folders: require that; none:
+    predictions only."""
+    top_k: int = 5
+    """Classes listed per image (top_k_labels, top_k_scores); top-5 accuracy needs no setting."""
+    batch_size: int = 64
+    """Images per model call."""
+    replicas: int = 1
+    """Model copies (Ray Data actors) predicting in parallel; 0 predicts in this process without Ray."""
+    gpus_per_replica: float = 0.0
+    """GPUs per model copy (e.g. 1, or 0.5 to pack two on a GPU); 0: the model runs on CPU."""
+    cpus_per_replica: float = 1.0
+    """CPUs reserved per model copy (decoding runs in separate CPU tasks)."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local directories every node mounts (NFS, EFS, FSx): a local input under one is readable on a
+    multi-node cluster; elsewhere a local input is refused there (use s3://)."""
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="predict"))
+    """MLflow run of the job (counts, throughput and, with labels, the evaluation), linked to the model
+    version. tracking.register_as and tracking.system_metrics do not apply."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "names the model, e.g. --model models:/toy-resnet20@champion")
+        _check(bool(self.input), "input", "names the images: a folder, an s3:// prefix or a manifest.json")
+        _check(bool(self.output), "output", "names a directory or s3:// prefix for the predictions")
+        _check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.replicas >= 0, "replicas", f"must be >= 0, got {self.replicas}")
+        _check(self.gpus_per_replica >= 0, "gpus_per_replica", f"must be >= 0, got {self.gpus_per_replica}")
+        _check(self.cpus_per_replica > 0, "cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        _check(
+            self.replicas > 0 or self.gpus_per_replica == 0,
+            "gpus_per_replica",
+            "needs replicas >= 1 (replicas=0 predicts in this process, on its own device)",
+        )

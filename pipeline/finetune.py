@@ -10,15 +10,13 @@ file of ``model.name``. Everything loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import io
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, FinetuneConfig, ModelConfig, replace_fields
 from pipeline.data import storage
-from pipeline.pretrain import EXPORT_DIR, EXPORT_WEIGHTS, PretrainOutcome, TrainingJob
+from pipeline.pretrain import PretrainOutcome, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Source:
     """Tags naming where the weights came from (model name, version, run, URI)."""
 
 
-def _load(data: bytes, where: str) -> dict[str, Any]:
+def _load_state_dict(data: bytes, where: str) -> dict[str, Any]:
     import torch
 
     try:
@@ -38,25 +36,13 @@ def _load(data: bytes, where: str) -> dict[str, Any]:
         raise ConfigError(f"finetune.source: {where} is not a loadable weights file ({error})") from None
 
 
-def _read_export(url: str) -> dict[str, Any]:
-    """model.pt from ``url`` itself, ``url/model.pt`` or ``url/model/model.pt``."""
-    candidates = [url, storage.join(url, EXPORT_WEIGHTS), storage.join(url, EXPORT_DIR, EXPORT_WEIGHTS)]
-    for candidate in candidates:
-        if storage.exists(candidate) and (candidate.endswith(".pt") or candidate.endswith(".pth")):
-            return _load(storage.read_bytes(candidate), candidate)
-    raise ConfigError(
-        f"finetune.source: no exported model at {url} (looked for {', '.join(candidates)}); point it at a "
-        "pre-training run directory, its model/ directory or model.pt, or a models:/ or runs:/ URI"
-    )
-
-
 def fetch_source(cfg: FinetuneConfig, *, tracking_uri: str | None) -> Source:
     """Download or read the source weights; ConfigError naming ``finetune.source`` when they are missing."""
     source = cfg.finetune.source
     if cfg.finetune.source_format == "torchvision":
-        state_dict = _load(storage.read_bytes(source), source) if storage.exists(source) else None
-        if state_dict is None:
+        if not storage.exists(source):
             raise ConfigError(f"finetune.source: {source} does not exist")
+        state_dict = _load_state_dict(storage.read_bytes(source), source)
         heads = [k for k in state_dict if k.endswith(".weight") and state_dict[k].dim() == 2]
         if cfg.model.name == "source" or not heads:
             raise ConfigError(
@@ -73,22 +59,17 @@ def fetch_source(cfg: FinetuneConfig, *, tracking_uri: str | None) -> Source:
             },
         }
         return Source(payload, {"source.uri": source, "source.format": "torchvision"})
-    if source.startswith(("models:/", "runs:/")):
-        from pipeline.tracking.mlflow_tracker import TrackingError, download_model
+    from pipeline.publish import ModelSourceError, fetch_model, find_export
+    from pipeline.tracking.mlflow_tracker import TrackingError
 
-        with tempfile.TemporaryDirectory(prefix="pipeline-source-") as scratch:
-            try:
-                local, lineage = download_model(source, Path(scratch), tracking_uri=tracking_uri)
-            except TrackingError as error:
-                raise ConfigError(f"finetune.source: {error}") from None
-            return Source(_read_export(str(local)), lineage)
-    if (
-        not storage.exists(source)
-        and not storage.exists(storage.join(source, EXPORT_WEIGHTS))
-        and not (storage.exists(storage.join(source, EXPORT_DIR, EXPORT_WEIGHTS)))
-    ):
+    registry = source.startswith(("models:/", "runs:/"))
+    if not registry and find_export(source) is None and not storage.exists(source):
         raise ConfigError(f"finetune.source: {source} does not exist; check the path or URI")
-    return Source(_read_export(source), {"source.uri": source})
+    try:
+        payload, lineage = fetch_model(source, tracking_uri=tracking_uri)
+    except (ModelSourceError, TrackingError) as error:
+        raise ConfigError(f"finetune.source: {error}") from None
+    return Source(payload, lineage)
 
 
 def resolve_architecture(cfg: FinetuneConfig, source: Source) -> FinetuneConfig:

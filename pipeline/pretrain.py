@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import ConfigError, PretrainConfig, dump_yaml, replace_fields, to_dict
 from pipeline.data import storage
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url
+from pipeline.publish import EXPORT_DIR, EXPORT_WEIGHTS, publish_model
 
 if TYPE_CHECKING:
     from pipeline.lifecycle import RunTarget, TrackedRun
 
 RUN_MARKER = "pipeline_run.json"
-EXPORT_DIR = "model"
-EXPORT_WEIGHTS = "model.pt"
-EXPORT_CONFIG = "model_config.json"
-CURVES = ("loss", "top1")
 
 
 @dataclass(frozen=True)
@@ -286,123 +282,6 @@ def check_resumable(cfg: PretrainConfig, marker: dict[str, Any]) -> None:
         raise ConfigError(
             f"--resume: the config differs from the stopped run's in {', '.join(changed)}; resume with the "
             "same recipe and overrides, or drop --resume to start a new run"
-        )
-
-
-def export_model(state: dict[str, Any], cfg: PretrainConfig, validated: Validated, directory: Path) -> Path:
-    """Write ``model.pt`` = {"state_dict", "model_config"} (tensors and plain types only: it loads with
-    ``torch.load(weights_only=True)`` and needs no class from this repo) and ``model_config.json``."""
-    import torch
-
-    from pipeline.train.build import model_export_config
-
-    weights = state.get("best_model") or state["model"]  # the best epoch's, as restored at the end of fit
-    model_config = model_export_config(
-        cfg.model,
-        num_classes=validated.num_classes,
-        classes=validated.train_manifest.classes,
-        resolution=cfg.data.resolution,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": weights, "model_config": model_config}, directory / EXPORT_WEIGHTS)
-    (directory / EXPORT_CONFIG).write_text(json.dumps(model_config, indent=2))
-    return directory
-
-
-def load_exported(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """``(model with the exported weights, model_config)`` from an export directory or its ``model.pt``."""
-    import torch
-
-    from pipeline.config import ModelConfig
-    from pipeline.train.build import build_classifier
-
-    path = Path(path)
-    payload = torch.load(
-        path / EXPORT_WEIGHTS if path.is_dir() else path, map_location="cpu", weights_only=True
-    )
-    config = payload["model_config"]
-    model_cfg = ModelConfig(
-        name=config["name"],
-        num_classes=config["num_classes"],
-        dropout=config["dropout"],
-        stochastic_depth=config["stochastic_depth"],
-        scaling=config["scaling"],
-    )
-    model = build_classifier(model_cfg, num_classes=config["num_classes"])
-    model.load_state_dict(payload["state_dict"])
-    return model, config
-
-
-def plot_learning_curves(tracking_uri: str, run_id: str, path: Path) -> Path:
-    """Train and val loss and top-1 per epoch, read back from the MLflow run (all epochs, across restarts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.tracking.mlflow_tracker import metric_history
-
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    for axis, name in zip(axes, CURVES, strict=True):
-        for split in ("train", "val"):
-            history = metric_history(tracking_uri, run_id, f"{split}/{name}")
-            if history:
-                axis.plot(*zip(*history, strict=True), marker="o", label=split)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def publish_model(
-    state: dict[str, Any], cfg: PretrainConfig, validated: Validated, *, tracker: Any, export_url: str | None
-) -> Any | None:
-    """Export the state's best weights to ``export_url`` (if given) and, when ``tracker`` has a run, log them
-    with a learning-curve plot and register them under ``cfg.tracking.register_as``. Returns the
-    Registration or None. Shared by pre-training and by the search's best trial."""
-    with tempfile.TemporaryDirectory(prefix="pipeline-export-") as scratch:
-        export_dir = export_model(state, cfg, validated, Path(scratch) / EXPORT_DIR)
-        if export_url is not None:
-            storage.makedirs(export_url)
-            for file in sorted(export_dir.iterdir()):
-                storage.put_file(str(file), storage.join(export_url, file.name))
-        if tracker.run_id is None:
-            return None
-        for file in sorted(export_dir.iterdir()):
-            tracker.log_artifact(file, artifact_path=EXPORT_DIR)
-        plot = plot_learning_curves(
-            tracker.tracking_uri, tracker.run_id, Path(scratch) / "learning_curves.png"
-        )
-        tracker.log_artifact(plot, artifact_path="plots")
-        if state.get("best_confusion"):  # the registered weights' evaluation, kept in the checkpoint
-            import torch
-
-            from pipeline.train.metrics import classification_metrics, plot_confusion_matrix
-
-            confusion = torch.tensor(state["best_confusion"])
-            balanced = classification_metrics(confusion)["balanced_acc"]
-            figure = plot_confusion_matrix(
-                confusion,
-                validated.train_manifest.classes,
-                Path(scratch) / "confusion_matrix.png",
-                title=f"best epoch, balanced accuracy {balanced:.3f}",
-            )
-            tracker.log_artifact(figure, artifact_path="plots")
-        if not cfg.tracking.register_as:
-            return None
-        from pipeline.tracking.mlflow_tracker import register_model
-
-        return register_model(
-            tracker,
-            artifact_path=EXPORT_DIR,
-            name=cfg.tracking.register_as,
-            alias=cfg.tracking.alias,
-            metric=cfg.train.early_stopping.metric,
-            mode=cfg.train.early_stopping.mode,
         )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -73,23 +75,104 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def toy_pretrain_manifests(tmp_path_factory):
-    """Small embedded shards (10 classes of 32 px images, 2,000 train / 400 val): {"train": url, "val": url}."""
+def toy_manifests(tmp_path_factory):
+    """The embedded tasks once per session: ``pretrain`` (10 classes of 32 px images, 2,000 train / 400 val)
+    and ``downstream`` (4 new classes, 40..4 training images per class: 10:1 imbalanced; 100 per class in
+    val), each {"train": url, "val": url}."""
     from pipeline.config import ShardConfig, ToyConfig
     from pipeline.data.prepare import prepare_embedded
 
-    root = tmp_path_factory.mktemp("toy-pretrain")
+    root = tmp_path_factory.mktemp("toy")
     toy = ToyConfig(
         root=str(root / "raw"),
         image_size=32,
         pretrain_train_per_class=200,
         pretrain_val_per_class=40,
-        downstream_train_max=10,
-        downstream_val_per_class=2,
-        downstream_imbalance=2.0,
+        downstream_classes=4,
+        downstream_train_max=40,
+        downstream_imbalance=10.0,
+        downstream_val_per_class=100,
     )
-    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=250, workers=1))
-    return prepared.manifests["pretrain"]
+    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=500, workers=1))
+    return prepared.manifests
+
+
+@pytest.fixture(scope="session")
+def toy_pretrain_manifests(toy_manifests):
+    """The embedded pre-training task's shards: {"train": url, "val": url}."""
+    return toy_manifests["pretrain"]
+
+
+@dataclass(frozen=True)
+class ToyModel:
+    """A trained toy_resnet20, published as a pre-training job publishes it."""
+
+    tracking_uri: str
+    run_id: str
+    uri: str
+    """models:/toy-resnet20@champion in ``tracking_uri``."""
+    export_dir: Path
+    """The run's model/ directory: an MLflow model holding the export format (model.pt, model_config.json)."""
+    history: list[dict[str, float]]
+    best_val_top1: float
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_manifests, tmp_path_factory) -> ToyModel:
+    """toy_resnet20 pre-trained in-process for 8 epochs on the embedded task (the build_run + fit the Ray
+    workers run, ~50 s), tracked into a sqlite store and published with the job's own publish_model:
+    packaged as an MLflow model, copied to an export directory, logged and registered. Shared by the
+    learnability, fine-tuning and prediction tests."""
+    import torch
+
+    from pipeline.config import PretrainConfig, load_config
+    from pipeline.pretrain import validate
+    from pipeline.publish import publish_model
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+    from pipeline.train.build import build_run, fit_run
+
+    root = tmp_path_factory.mktemp("toy-model")
+    uri = f"sqlite:///{root}/mlflow.db"
+    cfg = load_config(
+        PretrainConfig,
+        "configs/pretrain/toy_resnet20.yaml",
+        [
+            f"data.train_manifest={toy_manifests['pretrain']['train']}",
+            f"data.val_manifest={toy_manifests['pretrain']['val']}",
+            "data.batch_size_per_worker=50",
+            "data.loader_workers=0",
+            "train.epochs=8",
+            "tracking.register_as=toy-resnet20",
+            "tracking.system_metrics=false",
+        ],
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+        with MlflowTracker(
+            tracking_uri=uri,
+            experiment="pretrain",
+            run_name="toy-resnet20",
+            artifact_location=(root / "artifacts").as_uri(),
+        ) as tracker:
+            result = fit_run(parts, cfg, device=torch.device("cpu"), tracker=tracker)
+            # fit has loaded the best epoch's weights into the model: those are published.
+            state = {"model": parts.model.state_dict(), "best_model": None}
+            registration = publish_model(
+                state, cfg, validate(cfg), tracker=tracker, export_url=str(root / "model")
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert registration is not None and registration.alias_moved
+    return ToyModel(
+        tracking_uri=uri,
+        run_id=tracker.run_id,
+        uri="models:/toy-resnet20@champion",
+        export_dir=root / "model",
+        history=result.history,
+        best_val_top1=float(result.best_metric),
+    )
 
 
 def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
@@ -104,6 +187,26 @@ def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
         f"checkpoint.storage_path={workdir}/ray_results",
         "checkpoint.name=toy",
     ]
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the shared local Ray instance down at the end of the session (if one is up)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session):
+    """A local Ray instance shared by the tests that need one (fine-tuning, searches, batch prediction),
+    started as the jobs start it (``ensure_ray``: 2 CPUs plus one for Tune's idle trial drivers) on first
+    use. A module that needs its own cluster shuts it down first; the next user starts it again."""
+    from pipeline.config import ScalingConfig
+    from pipeline.launch import ensure_ray
+
+    ensure_ray(ScalingConfig(num_workers=1, cpus_per_worker=1), concurrent=2, trial_drivers=True)
 
 
 def wait_for(predicate, timeout_s: float, what: str, *, every_s: float = 0.5):

@@ -8,58 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import FinetuneConfig, PretrainConfig, ShardConfig, ToyConfig, load_config
+from pipeline.config import FinetuneConfig, load_config
 
 FINETUNE_RECIPE = "configs/finetune/toy_two_stage.yaml"
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(toy_manifests):
     """Pretrain shards (10 classes, 200/class) and downstream shards (4 classes, 40..4 per class in training:
     the few-label regime fine-tuning exists for; val 100/class, balanced)."""
-    from pipeline.data.prepare import prepare_embedded
-
-    root = tmp_path_factory.mktemp("finetune-toy")
-    cfg = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=200,
-        pretrain_val_per_class=40,
-        downstream_classes=4,
-        downstream_train_max=40,
-        downstream_imbalance=10.0,
-        downstream_val_per_class=100,
-    )
-    prepared = prepare_embedded(cfg, ShardConfig(dest=str(root / "shards"), samples_per_shard=500, workers=1))
-    return prepared.manifests
+    return toy_manifests
 
 
 @pytest.fixture(scope="module")
-def pretrained(toy, tmp_path_factory):
-    """toy_resnet20 pre-trained in-process for 8 epochs (~45 s; the same build_run + fit the Ray workers run),
-    then exported exactly as jobs/pretrain.py exports it."""
-    from pipeline.pretrain import export_model, validate
-    from pipeline.train.build import build_run, fit_run
-
-    torch.set_num_threads(2)
-    cfg = load_config(
-        PretrainConfig,
-        "configs/pretrain/toy_resnet20.yaml",
-        [
-            f"data.train_manifest={toy['pretrain']['train']}",
-            f"data.val_manifest={toy['pretrain']['val']}",
-            "data.batch_size_per_worker=50",
-            "data.loader_workers=0",
-            "train.epochs=8",
-        ],
-    )
-    parts = build_run(cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    result = fit_run(parts, cfg, device=torch.device("cpu"))
-    assert result.best_metric > 0.2, result.history  # chance is 0.10: it learned something to transfer
-    # fit has loaded the best epoch's weights into the model: export those.
-    state = {"model": parts.model.state_dict(), "best_model": None}
-    directory = export_model(state, cfg, validate(cfg), tmp_path_factory.mktemp("export") / "model")
-    return directory
+def pretrained(toy_model):
+    """The session's toy_resnet20 (8 epochs in-process), as the export directory jobs/pretrain.py writes."""
+    assert toy_model.best_val_top1 > 0.2, (
+        toy_model.history
+    )  # chance is 0.10: it learned something to transfer
+    return toy_model.export_dir
 
 
 def _finetune_cfg(toy, *overrides: str) -> FinetuneConfig:
@@ -77,28 +44,18 @@ def _finetune_cfg(toy, *overrides: str) -> FinetuneConfig:
 
 
 @pytest.mark.ray
-def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path):
+def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, toy_model, local_ray, tmp_path):
     """models:/name@alias against a real MLflow store, 2 DDP workers, two stages: stage 1 leaves the
     backbone and its BatchNorm statistics bitwise unchanged under DDP too; lineage, metrics, figure, model."""
-    import ray
     from mlflow import MlflowClient
 
     from pipeline.finetune import run_finetune
-    from pipeline.tracking.mlflow_tracker import MlflowTracker, register_model
     from pipeline.train.state import read_state
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with MlflowTracker(tracking_uri=uri, experiment="pretrain", run_name="src") as source_run:
-        source_run.log_metrics({"val/top1": 0.3}, step=0)
-        for file in sorted(Path(pretrained).iterdir()):
-            source_run.log_artifact(file, artifact_path="model")
-    register_model(
-        source_run, artifact_path="model", name="toy-src", alias="champion", metric="val/top1", mode="max"
-    )
-
+    uri = toy_model.tracking_uri
     cfg = _finetune_cfg(
         toy,
-        "finetune.source=models:/toy-src@champion",
+        f"finetune.source={toy_model.uri}",
         "scaling.num_workers=2",
         "data.batch_size_per_worker=16",
         "train.epochs=2",
@@ -107,17 +64,15 @@ def test_finetune_job_from_a_registered_model_with_ddp(toy, pretrained, tmp_path
         "tracking.register_as=toy-down",
         f"checkpoint.storage_path={tmp_path}/ray_results",
     )
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
-    try:
-        outcome = run_finetune(cfg)
-    finally:
-        ray.shutdown()
+    outcome = run_finetune(cfg)
 
     client = MlflowClient(uri)
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["source.model_name"] == "toy-src" and run.data.tags["source.model_version"] == "1"
-    assert run.data.tags["source.run_id"] == source_run.run_id
+    assert (
+        run.data.tags["source.model_name"] == "toy-resnet20" and run.data.tags["source.model_version"] == "1"
+    )
+    assert run.data.tags["source.run_id"] == toy_model.run_id
     assert run.data.tags["finetune.strategy"] == "two_stage" and run.data.tags["pipeline.job"] == "finetune"
     assert run.data.tags["dataset.manifest_url"] == toy["downstream"]["train"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")] == [0, 1]

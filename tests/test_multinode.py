@@ -139,7 +139,7 @@ def two_node_cluster(cluster_env):
 
     # The train function below lives in this test module, which Ray workers cannot import: ship it by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    assert not ray.is_initialized(), "another test left Ray connected"
+    ray.shutdown()  # the session's shared local instance (conftest.local_ray), if up: it restarts on next use
     loopback = {"node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
     cluster = Cluster(shutdown_at_exit=True)
     try:
@@ -223,7 +223,7 @@ def _observe_loader(opened: list[dict], decoded: list[str]):
     every sample it decodes, i.e. every sample that ends up in a batch. The loader itself is unchanged."""
     from pipeline.data import loader
 
-    read, decode = loader._read_samples, loader._SlotStream._decode
+    read, decode = loader.read_samples, loader._SlotStream._decode
 
     def reading(urls):
         record = {"urls": list(urls), "keys": []}
@@ -236,11 +236,11 @@ def _observe_loader(opened: list[dict], decoded: list[str]):
         decoded.append(sample["__key__"])
         return decode(self, sample)
 
-    loader._read_samples, loader._SlotStream._decode = reading, decoding
+    loader.read_samples, loader._SlotStream._decode = reading, decoding
     try:
         yield
     finally:
-        loader._read_samples, loader._SlotStream._decode = read, decode
+        loader.read_samples, loader._SlotStream._decode = read, decode
 
 
 def _observe_worker(config: dict) -> None:
@@ -788,9 +788,10 @@ def test_asha_search_of_two_worker_trials_stopped_and_resumed_on_the_cluster(
         "pretrain.tracking.experiment=cluster-tune",
         "pretrain.tracking.register_as=toy-cluster-tuned",
         "pretrain.scaling.num_workers=2",
-        "pretrain.scaling.cpus_per_worker=1.5",
+        # Two trials at a time on the two worker nodes' 4 CPUs: most of a trial is start-up wait, not compute.
+        "pretrain.scaling.cpus_per_worker=1",
         f"search.num_trials={trials}",
-        "search.max_concurrent_trials=1",
+        "search.max_concurrent_trials=2",
         # A continuous objective: early top-1 values tie at chance level, and ASHA never stops a tie.
         "search.metric=val/loss",
         "search.mode=min",

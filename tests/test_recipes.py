@@ -245,17 +245,9 @@ def test_recipe_runs_end_to_end_with_its_own_flags(path, tiny_data, workdir):
         assert outcome.registration is not None and outcome.registration.name == cfg.tracking.register_as
 
 
-@pytest.fixture(scope="module")
-def search_ray():
-    """One Ray instance for every search in this module (each trial is a 1-worker Ray Train run)."""
-    import ray
-
-    from pipeline.config import ScalingConfig
-    from pipeline.launch import ensure_ray
-
-    ensure_ray(ScalingConfig(num_workers=1, cpus_per_worker=1), concurrent=2, trial_drivers=True)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def search_ray(local_ray):
+    """The session's local Ray instance, for every search in this module (each trial a 1-worker Train run)."""
 
 
 def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path) -> dict:

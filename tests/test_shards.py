@@ -13,7 +13,7 @@ from PIL import Image
 
 import jobs.make_shards as make_shards_job  # noqa: E402  (jobs/ is importable from the repo root)
 from pipeline.data import storage
-from pipeline.data.loader import _read_samples
+from pipeline.data.loader import read_samples
 from pipeline.data.manifest import load_manifest
 from pipeline.data.shards import ShardError, ShardOptions, write_shards
 
@@ -26,7 +26,7 @@ def _check_round_trip(manifest, labels: dict[str, str]) -> None:
     assert manifest.class_counts == COUNTS
     assert manifest.num_samples == sum(COUNTS.values())
     seen = {}
-    for sample in _read_samples(manifest.shard_urls()):
+    for sample in read_samples(manifest.shard_urls()):
         key = sample["__key__"]
         assert "." not in key.rsplit("/", 1)[-1], f"sample key {key!r} contains a dot"
         assert set(sample) >= {"jpg", "cls", "json"}, sample.keys()
@@ -90,7 +90,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     # CMYK, grayscale, palette PNG and RGBA PNG named .JPEG become RGB JPEG samples of their class.
     assert sum(manifest.converted.values()) == 4
     assert manifest.class_counts["n01443537"] == COUNTS["n01443537"] + 4
-    for sample in _read_samples(manifest.shard_urls()):
+    for sample in read_samples(manifest.shard_urls()):
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert (image.format, image.mode) == ("JPEG", "RGB")
     assert "skipped 6" in summary.line()
@@ -195,7 +195,7 @@ def test_flat_val_with_labels_csv_uses_train_class_indices(tmp_path):
     manifest = load_manifest(str(tmp_path / "shards/val"))
     assert manifest.classes == sorted(COUNTS)
     assert manifest.class_counts == {"n01440764": 0, "n01443537": 1, "n01484850": 2}
-    assert sorted(int(s["cls"]) for s in _read_samples(manifest.shard_urls())) == [1, 2, 2]
+    assert sorted(int(s["cls"]) for s in read_samples(manifest.shard_urls())) == [1, 2, 2]
     assert {s["reason"] for s in manifest.skipped} == {
         "no label in the labels file",
         "listed in the labels file but missing",

@@ -93,7 +93,7 @@ def _seed(*parts: int) -> int:
     return value
 
 
-def _read_samples(urls: list[str]) -> Iterator[dict]:
+def read_samples(urls: list[str]) -> Iterator[dict]:
     """Raw samples (dicts of bytes) from tar shards, in order, via webdataset's tar iterators."""
     if any(storage.is_s3(u) for u in urls):
         # Re-registered here because spawn/forkserver workers do not inherit the parent's registration.
@@ -144,7 +144,7 @@ class _SlotStream(IterableDataset):
 
     def _pass(self, shard_order: list[int], slot: int, n_slots: int) -> Iterator[dict]:
         plan = plan_slot(shard_order, slot=slot, n_slots=n_slots)
-        for j, sample in enumerate(_read_samples([self.urls[i] for i in plan.shard_indices])):
+        for j, sample in enumerate(read_samples([self.urls[i] for i in plan.shard_indices])):
             if j % plan.keep_every == plan.keep_offset:
                 yield sample
 

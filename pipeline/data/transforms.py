@@ -8,11 +8,13 @@ is 4x less inter-process and host-to-device traffic than float32; ``normalize`` 
 from __future__ import annotations
 
 import functools
+import io
+import re
 import warnings
 from typing import Literal
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +34,36 @@ def decode(jpeg: bytes) -> torch.Tensor:
     return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
+class ImageDecodeError(ValueError):
+    """Bytes that are no readable image (empty, truncated, another kind of file)."""
+
+
+def decode_any(data: bytes) -> torch.Tensor:
+    """Encoded image bytes of any common format -> uint8 RGB tensor (3, H, W).
+
+    JPEG (grayscale and CMYK too), PNG (grayscale, palette, alpha), WebP and GIF go through torchvision's
+    decoders, so a JPEG gives exactly the pixels the training loader's :func:`decode` gives; anything else
+    Pillow opens (BMP, TIFF, ...) is converted by Pillow. Alpha is dropped, as training images have none.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as error:
+        # torchvision prefixes its C++ source location ("decode_jpeg, .../decode_jpeg.cpp:171, ..."): drop it
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = re.sub(r"^.*\.cpp:\d+,?\s*", "", text).split(". ")[0]
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        raise ImageDecodeError(f"not a readable image ({first[:120]})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
 def train_transform(
     resolution: int, *, augment: Literal["basic", "trivialaugment"] = "basic", min_crop_scale: float = 0.08
 ) -> v2.Transform:
@@ -44,10 +76,15 @@ def train_transform(
     return v2.Compose(steps)
 
 
-def eval_transform(resolution: int) -> v2.Transform:
-    return v2.Compose(
-        [v2.Resize(round(resolution / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(resolution)]
-    )
+def eval_sizes(resolution: int) -> tuple[int, int]:
+    """``(resize, crop)`` of evaluation: the short side resized to ``resize``, then a centre crop."""
+    return round(resolution / EVAL_CROP_FRACTION), resolution
+
+
+def eval_transform(resolution: int, *, resize: int | None = None) -> v2.Transform:
+    """Evaluation's resize-then-centre-crop; ``resize`` overrides the ``resolution / 0.875`` default."""
+    default_resize, crop = eval_sizes(resolution)
+    return v2.Compose([v2.Resize(resize or default_resize, antialias=True), v2.CenterCrop(crop)])
 
 
 @functools.cache

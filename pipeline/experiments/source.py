@@ -49,8 +49,9 @@ def ensure_source(
     if cfg.source.uri:
         return cfg.source.uri, False
     from pipeline.experiments.arm import train_arm
-    from pipeline.pretrain import EXPORT_WEIGHTS, export_model, validate
+    from pipeline.pretrain import validate
     from pipeline.provenance import flatten_params
+    from pipeline.publish import EXPORT_WEIGHTS, export_model
 
     source_cfg = source_config(cfg, data)
     directory = cached_source_dir(cfg, source_cfg)

@@ -39,11 +39,11 @@ from pipeline.pretrain import (
     localize,
     log_datasets,
     preflight,
-    publish_model,
     resolve_run_name,
     validate,
     validate_model,
 )
+from pipeline.publish import publish_model
 from pipeline.search.space import Candidates, apply_overrides, sample_candidates
 
 if TYPE_CHECKING:

@@ -571,3 +571,10 @@ def download_model(uri: str, dst: Path, *, tracking_uri: str | None = None) -> t
         raise TrackingError(f"{uri} in {redact_uri(resolved)}: {error.message}") from None
     lineage["source.uri"] = uri
     return Path(local), lineage
+
+
+def tag_model_version(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on a registered model version (e.g. the evaluation runs that measured it)."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
