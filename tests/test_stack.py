@@ -344,6 +344,68 @@ def test_loader_recovers_when_the_s3_endpoint_restarts_between_epochs(tmp_path, 
         s3.reset_clients()
 
 
+def test_predict_job_from_s3_to_s3_as_a_ray_job(stack, stack_env, toy_model, toy_manifests):
+    """`ray job submit` of jobs/predict.py on the stack: the model from the stack's registry (artifacts in
+    its S3), images from an S3 prefix, predictions, skips and summary back to S3."""
+    import io
+
+    import pandas as pd
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from pipeline.data import storage
+    from pipeline.data.loader import read_samples
+    from pipeline.data.manifest import load_manifest
+
+    client = MlflowClient(stack.cfg.mlflow_uri)
+    experiment = client.get_experiment_by_name("pretrain") or client.get_experiment(
+        client.create_experiment("pretrain")
+    )
+    run = client.create_run(experiment.experiment_id, run_name="toy-for-predict")
+    client.log_metric(run.info.run_id, "val/top1", toy_model.best_val_top1, step=0)
+    client.log_artifacts(run.info.run_id, str(toy_model.export_dir), "model")
+    client.set_terminated(run.info.run_id)
+    from pipeline.tracking.mlflow_tracker import register_model
+
+    register_model(
+        run.info.run_id,
+        artifact_path="model",
+        name="toy-stack",
+        alias="champion",
+        metric="val/top1",
+        mode="max",
+        tracking_uri=stack.cfg.mlflow_uri,
+    )
+
+    prefix = f"s3://{stack.cfg.bucket}/predict-in"
+    manifest = load_manifest(toy_manifests["pretrain"]["val"])
+    for index, sample in zip(range(12), read_samples(manifest.shard_urls()), strict=False):
+        storage.write_bytes_atomic(f"{prefix}/img-{index:02d}.jpg", sample["jpg"])
+    storage.write_bytes_atomic(f"{prefix}/broken.jpg", b"not an image")
+    output = f"s3://{stack.cfg.bucket}/predict-out"
+    args = ["--model", "models:/toy-stack@champion", "--input", prefix, "--output", output]
+    _submit(
+        stack,
+        "predict-s3",
+        [*args, f"tracking.uri={stack.cfg.mlflow_uri}"],
+        script="jobs/predict.py",
+        config=None,
+    )
+    jobs = JobSubmissionClient(stack.cfg.dashboard_url, headers=stack.cfg.ray_auth_headers())
+    status = _wait_job(jobs, "predict-s3", 180)
+    logs = jobs.get_job_logs("predict-s3")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "=== predict: 13 images, 12 predicted, 1 skipped ===" in logs, logs[-3000:]
+    assert "img/s" in logs
+    parts = [name for name in storage.list_names(output) if name.startswith("part-")]
+    frame = pd.concat(pd.read_parquet(io.BytesIO(storage.read_bytes(f"{output}/{name}"))) for name in parts)
+    assert len(frame) == 13 and frame["label"].notna().sum() == 12
+    skipped = pd.read_csv(io.BytesIO(storage.read_bytes(f"{output}/skipped.csv")))
+    assert skipped["path"].tolist() == [f"{prefix}/broken.jpg"]
+    summary = json.loads(storage.read_bytes(f"{output}/summary.json"))
+    assert summary["predicted"] == 12 and summary["images_per_s"] > 0
+
+
 def test_loader_fails_clearly_when_the_restarted_s3_endpoint_lost_the_shards(stack, stack_env, tmp_path):
     """The stack's moto restarts empty: the next epoch fails with an error naming the shard, no hang."""
     from pipeline.data.storage import StorageError
