@@ -29,10 +29,13 @@ PRETRAIN_RECIPE = "configs/pretrain/toy_resnet20.yaml"
 SEARCH_RECIPE = "configs/tune/toy_asha.yaml"
 FINETUNE_RECIPE = "configs/finetune/toy_two_stage.yaml"
 PRETRAIN_MODEL = "toy-resnet20"
+# One validation image per class of the embedded data (written by the data step) for the predict step.
+DEMO_IMAGES = ".cache/toy/pretrain/val"
 # Lines of a job's output worth showing while it runs (the rest is in its log).
 _SHOWN = re.compile(
     r"^(===|best |last epoch|checkpoints and|MLflow (parent )?run|registered |trial \d+:|epochs used|"
-    r"best config|pretrain: failed|finetune: failed|tune: failed|.*config error|\[[\w.-]+\] +epoch \d+/)"
+    r"best config|pretrain: failed|finetune: failed|tune: failed|predict: failed|.*config error|"
+    r"\[[\w.-]+\] +epoch \d+/|  image |evaluation: )"
 )
 # Ray prefixes what a worker prints with its actor and pid, in color on a terminal:
 # "\x1b[36m(RayTrainWorker pid=123)\x1b[0m [toy-resnet20] epoch 1/10 ..."
@@ -115,9 +118,10 @@ class Demo:
         self.results.append(result)
         return result
 
-    def _job(self, step: str, script: str, config: str, overrides: list[str]) -> StepResult:
+    def _job(self, step: str, script: str, config: str | None, overrides: list[str]) -> StepResult:
         """One of the project's jobs: ``ray job submit`` to the stack's head, or a plain local process."""
-        args = ["python", script, "--config", config, *overrides, *self.options.extra.get(step, [])]
+        recipe = ["--config", config] if config else []
+        args = ["python", script, *recipe, *overrides, *self.options.extra.get(step, [])]
         if self.options.local:
             return self._run(step, [sys.executable, *args[1:]])
         runtime_env = {
@@ -224,14 +228,43 @@ class Demo:
             ],
         )
 
+    def predict(self) -> StepResult:
+        """The registered pre-trained model on one validation image per class (class-named folders, so the
+        job also evaluates): label and score printed for each."""
+        from pipeline.data import s3, storage
+
+        images = f"{self._shards_root().rsplit('/', 1)[0]}/demo-images"
+        # This process uploads them: to the stack's S3 endpoint, like the jobs it starts.
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
+        s3.reset_clients()
+        for folder in sorted(Path(DEMO_IMAGES).iterdir()):
+            first = sorted(folder.iterdir())[0]
+            storage.makedirs(storage.join(images, folder.name))
+            storage.put_file(str(first), storage.join(images, folder.name, first.name))
+        return self._job(
+            "predict",
+            "jobs/predict.py",
+            None,
+            [
+                "--model",
+                f"models:/{PRETRAIN_MODEL}@champion",
+                "--input",
+                images,
+                "--output",
+                f"{self._storage().rsplit('/', 1)[0]}/predictions/demo-{int(time.time())}",
+                f"tracking.uri={self._tracking()}",
+            ],
+        )
+
     def run(self) -> dict[str, str]:
         start = time.monotonic()
-        total = 4 if self.options.local else 5
+        total = 5 if self.options.local else 6
         steps: list[tuple[str, Callable[[], object]]] = [
             ("data", self.data),
             ("pretrain", self.pretrain),
             ("search", self.search),
             ("finetune", self.finetune),
+            ("predict", self.predict),
         ]
         if not self.options.local:
             steps.insert(0, ("stack", self.stack))
@@ -247,6 +280,7 @@ class Demo:
             "pretrain": _grep(found.get("pretrain", ""), r"^best val/top1 = (\S+) at epoch (\S+)"),
             "search": _grep(found.get("search", ""), r"^trial \d+: .*<- best"),
             "finetune": _grep(found.get("finetune", ""), r"^best val/balanced_acc = (\S+) at epoch (\S+)"),
+            "predict": _grep(found.get("predict", ""), r"^evaluation: "),
         }
         tracking = (
             "the embedded sqlite store (.cache/mlflow/mlflow.db): `mlflow ui --backend-store-uri "
@@ -258,14 +292,15 @@ class Demo:
         self.echo(f"pre-training ({PRETRAIN_RECIPE}): {lines['pretrain'] or 'see its log'}")
         self.echo(f"search ({SEARCH_RECIPE}): {lines['search'] or 'see its log'}")
         self.echo(f"fine-tuning ({FINETUNE_RECIPE}): {lines['finetune'] or 'see its log'}")
+        self.echo(f"prediction (models:/{PRETRAIN_MODEL}@champion): {lines['predict'] or 'see its log'}")
         self.echo(f"total {seconds / 60:.1f} min; step logs in {self.logs}")
         self.echo(f"MLflow UI: {tracking}")
         self.echo(
-            "  experiments pretrain-toy, tune-toy (parent run with nested trials), finetune-toy; models "
+            "  experiments pretrain-toy, tune-toy (parent run with nested trials), finetune-toy, predict; models "
             f"{PRETRAIN_MODEL}, {PRETRAIN_MODEL}-tuned, {PRETRAIN_MODEL}-downstream (alias champion)"
         )
         if not self.options.local:
-            self.echo(f"Ray dashboard: {self.stack_cfg.dashboard_url} (the three jobs under Jobs)")
+            self.echo(f"Ray dashboard: {self.stack_cfg.dashboard_url} (the four jobs under Jobs)")
             self.echo("stop the stack: make stack-down")
         return lines
 

@@ -39,6 +39,7 @@ TOP5 = 5
 SKIPPED_FILE = "skipped.csv"
 SUMMARY_FILE = "summary.json"
 PROGRESS_INTERVAL_S = 10.0
+PREVIEW_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class PredictOutcome:
     """The evaluation (empty without labels): eval/top1, eval/top5, eval/balanced_acc, ..."""
     mlflow_run_id: str | None
     tracking_uri: str | None
+    preview: list[dict[str, Any]] = field(default_factory=list)
+    """The first rows (path, label, score, ...), up to 20."""
 
 
 # -- Inputs ---------------------------------------------------------------------------------------------
@@ -324,6 +327,8 @@ class Results:
         self.skipped: list[dict[str, str]] = []
         self.confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
         self.top5_hits = 0
+        self.preview: list[dict[str, Any]] = []
+        """The first rows, printed by the summary when the job saw only a few images."""
         storage.makedirs(cfg.output)
 
     def add(self, batch: dict[str, Any]) -> None:
@@ -342,6 +347,8 @@ class Results:
                 self.confusion[int(truth), int(predicted)] += 1
             self.top5_hits += int(ok["in_top5"].sum())
         columns = [*OUTPUT_COLUMNS, "true_label"] if self.labelled else list(OUTPUT_COLUMNS)
+        if len(self.preview) < PREVIEW_ROWS:
+            self.preview += frame[columns].head(PREVIEW_ROWS - len(self.preview)).to_dict("records")
         self._write(frame[columns])
 
     def _write(self, frame: pd.DataFrame) -> None:
@@ -533,6 +540,7 @@ class PredictJob:
             metrics=metrics,
             mlflow_run_id=run.run_id,
             tracking_uri=run.tracking_uri,
+            preview=sorted(results.preview, key=lambda row: row["path"]),
         )
 
 
@@ -547,6 +555,11 @@ def summarize(cfg: PredictConfig, outcome: PredictOutcome) -> None:
         f"\n=== predict: {outcome.images} images, {outcome.predicted} predicted, {len(outcome.skipped)} skipped ==="
     )
     print(f"{outcome.images_per_s:.1f} img/s; predictions in {outcome.output}")
+    if outcome.images <= PREVIEW_ROWS:
+        for row in outcome.preview:
+            if row.get("error") is None:
+                truth = f"  (true: {row['true_label']})" if row.get("true_label") else ""
+                print(f"  image {row['path']}: {row['label']} {row['score']:.3f}{truth}")
     for item in outcome.skipped[:10]:
         print(f"  skipped {item['path']}: {item['reason']}")
     if len(outcome.skipped) > 10:
