@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo demo-local demo-data stack-up stack-down stack-status bench bench-data bench-train bench-tune profile lint clean
+.PHONY: setup test demo demo-local demo-data stack-up stack-down stack-status bench bench-data bench-train bench-tune bench-predict profile lint clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,7 @@ stack-status: setup
 exp-%: setup
 	$(PY) jobs/experiment.py $*
 
-bench: bench-data bench-train bench-tune profile
+bench: bench-data bench-train bench-tune bench-predict profile
 
 bench-data: setup
 	$(PY) benchmarks/bench_data.py
@@ -66,6 +66,10 @@ bench-train: setup
 # About 11 min on 2 CPU cores; sizes: $(PY) benchmarks/bench_tune.py --help
 bench-tune: setup
 	$(PY) benchmarks/bench_tune.py
+
+# The predict job (in-process, and on Ray Data) vs a plain single-process PyTorch loop on the same JPEGs: img/s ratio.
+bench-predict: setup
+	$(PY) benchmarks/bench_predict.py
 
 # Parameters, MACs (torch.utils.flop_counter) and CPU/GPU throughput of the main architectures.
 profile: setup

@@ -9,7 +9,6 @@ file of ``model.name``. Everything loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -27,22 +26,18 @@ class Source:
     """Tags naming where the weights came from (model name, version, run, URI)."""
 
 
-def _load_state_dict(data: bytes, where: str) -> dict[str, Any]:
-    import torch
-
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated file, a pickle with code, not a torch file at all
-        raise ConfigError(f"finetune.source: {where} is not a loadable weights file ({error})") from None
-
-
 def fetch_source(cfg: FinetuneConfig, *, tracking_uri: str | None) -> Source:
     """Download or read the source weights; ConfigError naming ``finetune.source`` when they are missing."""
     source = cfg.finetune.source
     if cfg.finetune.source_format == "torchvision":
         if not storage.exists(source):
             raise ConfigError(f"finetune.source: {source} does not exist")
-        state_dict = _load_state_dict(storage.read_bytes(source), source)
+        from pipeline.publish import ModelSourceError, load_weights
+
+        try:
+            state_dict = load_weights(storage.read_bytes(source), source)
+        except ModelSourceError as error:
+            raise ConfigError(f"finetune.source: {error}") from None
         heads = [k for k in state_dict if k.endswith(".weight") and state_dict[k].dim() == 2]
         if cfg.model.name == "source" or not heads:
             raise ConfigError(

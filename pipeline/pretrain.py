@@ -390,6 +390,17 @@ class TrainingJob:
         cfg = plan.cfg
         _record_run(run.tracker, plan)
         _write_marker(plan.run_url, run.run_id, run.tracking_uri, cfg)
+        finished = _finished_state(plan) if self.resume else None
+        if finished is not None:
+            # --resume of a run that trained to the end (e.g. stopped by a tracking outage after training):
+            # nothing to train, so no workers are started; settle and publish complete the record.
+            print(
+                f"[{plan.run_name}] resume: training had finished ({finished['epoch']} epochs); no workers "
+                "started, completing the record",
+                flush=True,
+            )
+            history = finished.get("history") or [{}]
+            return finished, {k: v for k, v in history[-1].items() if k != "epoch"}
         result = launch(
             pretrain_worker,
             spec=WorkerSpec(config=cfg, run_name=plan.run_name, source_url=_stage_source(plan)),
@@ -459,6 +470,26 @@ class TrainingJob:
                 "model is not registered. Once the server is back, run the same command with --resume: it "
                 "trains nothing more, fills in the missing epochs and registers the model."
             ) from None
+
+
+def _finished_state(plan: TrainingPlan) -> dict[str, Any] | None:
+    """The latest checkpoint's state when it says training is over (every epoch run, or early stopping's
+    patience spent), else None. Checkpoints are ``{run_url}/epoch-NNNN/state.pt``."""
+    from pipeline.launch import STATE_FILE
+    from pipeline.train.state import read_state
+
+    try:
+        epochs = sorted(name for name in storage.list_names(plan.run_url) if name.startswith("epoch-"))
+    except storage.StorageError:
+        return None
+    for name in reversed(epochs):
+        url = storage.join(plan.run_url, name, STATE_FILE)
+        if storage.exists(url):
+            state = read_state(url)
+            stopping = plan.cfg.train.early_stopping
+            patience_spent = stopping.enabled and state["early_stopping"]["bad_epochs"] >= stopping.patience
+            return state if state["epoch"] >= plan.cfg.train.epochs or patience_spent else None
+    return None
 
 
 SOURCE_DIR = "source"

@@ -96,14 +96,19 @@ def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def read_payload(data: bytes, where: str) -> dict[str, Any]:
-    """A ``model.pt`` file's content, loaded weights-only (no code from a file that may come from anywhere)."""
+def load_weights(data: bytes, where: str) -> Any:
+    """A torch file's content, loaded weights-only (no code from a file that may come from anywhere)."""
     import torch
 
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, a pickle with code, not a torch file at all
         raise ModelSourceError(f"{where} is not a loadable weights file ({error})") from None
+
+
+def read_payload(data: bytes, where: str) -> dict[str, Any]:
+    """A ``model.pt`` file's ``{"state_dict", "model_config"}``, loaded weights-only."""
+    payload = load_weights(data, where)
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
         raise ModelSourceError(f"{where} holds no exported model (a dict with state_dict and model_config)")
     return payload

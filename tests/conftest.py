@@ -219,3 +219,9 @@ def wait_for(predicate, timeout_s: float, what: str, *, every_s: float = 0.5):
             return value
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The multi-node tests first: their cluster needs this process free of the shared local Ray instance
+    (``local_ray``), which the later modules then start once instead of twice."""
+    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0].endswith("test_multinode.py") else 1)

@@ -750,6 +750,7 @@ def test_job_tracked_by_a_server_that_goes_down_finishes_and_resume_backfills(
         _submit(two_node_cluster, "run-b-resume", "jobs/pretrain.py", [*args, "--resume"], cluster_env)
         status, logs = _wait_job(two_node_cluster, "run-b-resume", 300)
     assert status.name == "SUCCEEDED", logs[-3000:]
+    assert f"resume: training had finished ({epochs} epochs); no workers started" in logs, logs[-3000:]
     assert not watch.violations, watch.violations
 
     run = client.get_run(run_id)

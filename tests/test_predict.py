@@ -328,3 +328,32 @@ def test_exports_match_pytorch_on_real_images(fmt, toy_model, toy_manifests, tmp
     difference = float((got - expected).abs().max())
     print(f"{fmt}: max abs logit difference {difference:.3g} on 7 images")
     assert difference < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"--model": "models:/no-such-model@champion"},
+            "predict: config error: model: models:/no-such-model",
+        ),
+        ({"--input": "/nonexistent/images"}, "input: /nonexistent/images is not a directory"),
+        ({"top_k": "0"}, "top_k: must be >= 1"),
+        ({"labels": "folders"}, "labels: folders, but one.jpg is not in a folder named after"),
+        ({"replics": "2"}, "replics"),
+    ],
+)
+def test_bad_predict_input_exits_2_naming_the_field(change, message, toy_model, tmp_path, capsys):
+    import jobs.predict
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one.jpg").write_bytes(b"")
+    flags = {"--model": toy_model.uri, "--input": str(tmp_path / "in"), "--output": str(tmp_path / "out")}
+    options = {"replicas": "0", "tracking.uri": toy_model.tracking_uri}
+    for key, value in change.items():
+        (flags if key.startswith("--") else options)[key] = value
+    argv = [token for pair in flags.items() for token in pair] + [f"{k}={v}" for k, v in options.items()]
+    assert jobs.predict.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists(), "nothing written on bad input"
