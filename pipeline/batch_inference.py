@@ -2,7 +2,8 @@
 the cluster.
 
 * read: CPU tasks read file bytes (local files under a shared mount, or S3 objects) or whole tar shards;
-* decode: CPU tasks decode and preprocess to uint8 pixels (any node with CPUs, GPU nodes included);
+* decode: CPU tasks decode and preprocess to uint8 pixels (any node with CPUs, GPU nodes included), kept
+  apart from the model actors;
 * predict: an actor pool of ``replicas`` model copies (``gpus_per_replica`` GPUs each, or CPU), fed
   batches of ``batch_size``.
 
@@ -31,9 +32,12 @@ READ_BATCH = 32
 class _Replica:
     """One model copy in the actor pool."""
 
-    def __init__(self, payload: list[Any], top_k: int) -> None:
+    def __init__(self, payload: list[Any], top_k: int, threads: int) -> None:
+        import torch
+
         from pipeline.predictor import Predictor
 
+        torch.set_num_threads(threads)  # Ray starts an actor with one OpenMP thread per CPU it requested
         # The payload arrives as an object reference (wrapped in a list so Ray does not resolve it early).
         self.predictor = Predictor.from_payload(ray.get(payload[0]))
         self.top_k = top_k
@@ -44,6 +48,26 @@ class _Replica:
 
 def _shard(row: dict[str, Any], labels: list[int] | None) -> Iterator[dict[str, Any]]:
     yield from shard_rows(row["shard"], labels)
+
+
+def check_capacity(replicas: int, cpus_per_replica: float, gpus_per_replica: float) -> None:
+    """Refuse (ConfigError naming the field) replicas that would take every CPU of the cluster: the read
+    and decode tasks would then wait forever for one, and the job would hang instead of failing."""
+    from pipeline.config import ConfigError
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if replicas * gpus_per_replica > gpus:
+        raise ConfigError(
+            f"gpus_per_replica: {replicas} replicas x {gpus_per_replica:g} GPUs need "
+            f"{replicas * gpus_per_replica:g}, this Ray cluster has {gpus:g}; lower replicas or gpus_per_replica"
+        )
+    if replicas * cpus_per_replica > cpus - 1:
+        raise ConfigError(
+            f"replicas: {replicas} replicas x cpus_per_replica={cpus_per_replica:g} leave "
+            f"{max(cpus - replicas * cpus_per_replica, 0):g} of this Ray cluster's {cpus:g} CPUs for reading and "
+            "decoding, which need at least 1; lower replicas or cpus_per_replica"
+        )
 
 
 def predict_on_ray(plan: PredictPlan) -> Iterator[dict[str, Any]]:
@@ -68,11 +92,22 @@ def predict_on_ray(plan: PredictPlan) -> Iterator[dict[str, Any]]:
         )
     preprocess = Preprocessing.of(plan.payload["model_config"])
     dataset = dataset.map_batches(
-        decode_batch, fn_kwargs={"preprocess": preprocess}, batch_size=READ_BATCH, batch_format="numpy"
+        decode_batch,
+        fn_kwargs={"preprocess": preprocess},
+        batch_size=READ_BATCH,
+        batch_format="numpy",
+        # Ray Data fuses consecutive steps whose resource requests match, which on CPU would run reading
+        # and decoding inside the model actors, one image after another. A remote-args function is never
+        # fused: decoding stays in CPU tasks that run beside the replicas, on any node.
+        ray_remote_args_fn=lambda: {"num_cpus": 1},
     )
     dataset = dataset.map_batches(
         _Replica,
-        fn_constructor_kwargs={"payload": [ray.put(plan.payload)], "top_k": cfg.top_k},
+        fn_constructor_kwargs={
+            "payload": [ray.put(plan.payload)],
+            "top_k": cfg.top_k,
+            "threads": max(1, int(cfg.cpus_per_replica)),
+        },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),

@@ -412,13 +412,15 @@ class PredictJob:
             from pipeline.config import ScalingConfig
             from pipeline.launch import require_cluster_storage
 
-            scaling = ScalingConfig(
+            scaling = ScalingConfig(  # GPUs are checked against the cluster below, naming this job's field
                 num_workers=cfg.replicas,
-                use_gpu=cfg.gpus_per_replica > 0,
                 cpus_per_worker=cfg.cpus_per_replica,
                 shared_paths=list(cfg.shared_paths),
             )
             require_cluster_storage({"input": cfg.input}, scaling)
+            from pipeline.batch_inference import check_capacity
+
+            check_capacity(cfg.replicas, cfg.cpus_per_replica, cfg.gpus_per_replica)
         name = lineage.get("source.model_name") or payload["model_config"]["name"]
         version = lineage.get("source.model_version")
         run_name = f"{'evaluate' if inputs.labelled else 'predict'}-{name}" + (

@@ -341,10 +341,15 @@ def test_exports_match_pytorch_on_real_images(fmt, toy_model, toy_manifests, tmp
         ({"top_k": "0"}, "top_k: must be >= 1"),
         ({"labels": "folders"}, "labels: folders, but one.jpg is not in a folder named after"),
         ({"replics": "2"}, "replics"),
+        # The shared local Ray has 3 CPUs: 3 one-CPU replicas would leave reading and decoding none (a hang).
+        ({"replicas": "3"}, "replicas: 3 replicas x cpus_per_replica=1 leave 0 of this Ray cluster's 3 CPUs"),
     ],
 )
-def test_bad_predict_input_exits_2_naming_the_field(change, message, toy_model, tmp_path, capsys):
+def test_bad_predict_input_exits_2_naming_the_field(change, message, toy_model, tmp_path, capsys, request):
     import jobs.predict
+
+    if change.get("replicas"):
+        request.getfixturevalue("local_ray")
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "one.jpg").write_bytes(b"")
