@@ -35,7 +35,7 @@ DEMO_IMAGES = ".cache/toy/pretrain/val"
 _SHOWN = re.compile(
     r"^(===|best |last epoch|checkpoints and|MLflow (parent )?run|registered |trial \d+:|epochs used|"
     r"best config|pretrain: failed|finetune: failed|tune: failed|predict: failed|.*config error|"
-    r"\[[\w.-]+\] +epoch \d+/|  image |evaluation: )"
+    r"\[[\w.-]+\] +epoch \d+/|  image |evaluation: |[\d.]+ img/s; predictions)"
 )
 # Ray prefixes what a worker prints with its actor and pid, in color on a terminal:
 # "\x1b[36m(RayTrainWorker pid=123)\x1b[0m [toy-resnet20] epoch 1/10 ..."

@@ -559,7 +559,7 @@ def summarize(cfg: PredictConfig, outcome: PredictOutcome) -> None:
     print(f"{outcome.images_per_s:.1f} img/s; predictions in {outcome.output}")
     if outcome.images <= PREVIEW_ROWS:
         for row in outcome.preview:
-            if row.get("error") is None:
+            if not isinstance(row.get("error"), str):  # None, or NaN once a column went through pandas
                 truth = f"  (true: {row['true_label']})" if row.get("true_label") else ""
                 print(f"  image {row['path']}: {row['label']} {row['score']:.3f}{truth}")
     for item in outcome.skipped[:10]:

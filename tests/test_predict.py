@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -232,6 +233,8 @@ def test_predict_job_over_a_hostile_folder_predicts_the_good_files_and_lists_the
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == 11 and summary["skipped"] == 3 and summary["images_per_s"] > 0
     assert "=== predict: 11 images, 8 predicted, 3 skipped ===" in out
+    shown = [line for line in out.splitlines() if line.startswith("  image ")]
+    assert len(shown) == 8 and all(re.fullmatch(r"  image .+: \w+ \d\.\d{3}", line) for line in shown), shown
     assert "not labelled" not in out and "evaluation:" not in out
 
 
