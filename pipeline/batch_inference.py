@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # Files per read task: enough to amortize a task's start, few enough to spread a folder over the cluster.
 READ_BATCH = 32
+DECODE_MEMORY_BYTES = 256 * 2**20
 
 
 class _Replica:
@@ -97,9 +98,11 @@ def predict_on_ray(plan: PredictPlan) -> Iterator[dict[str, Any]]:
         batch_size=READ_BATCH,
         batch_format="numpy",
         # Ray Data fuses consecutive steps whose resource requests match, which on CPU would run reading
-        # and decoding inside the model actors, one image after another. A remote-args function is never
-        # fused: decoding stays in CPU tasks that run beside the replicas, on any node.
-        ray_remote_args_fn=lambda: {"num_cpus": 1},
+        # and decoding inside the model actors, one image after another. A memory request of their own (a
+        # batch of decoded images is a few MB) keeps them apart: decoding stays in CPU tasks beside the
+        # replicas, on any node.
+        num_cpus=1,
+        memory=DECODE_MEMORY_BYTES,
     )
     dataset = dataset.map_batches(
         _Replica,

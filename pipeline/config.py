@@ -48,8 +48,15 @@ class DataConfig:
     """DataLoader worker processes per rank; 0 decodes in the training process."""
     shuffle_buffer: int = 2000
     """Samples held in the in-stream shuffle buffer of each loader worker."""
-    augment: Literal["basic", "trivialaugment"] = "basic"
-    """Training augmentation: RandomResizedCrop+flip, optionally followed by TrivialAugmentWide."""
+    augment: Literal["basic", "trivialaugment", "randaugment", "autoaugment", "augmix"] = "basic"
+    """Training augmentation after RandomResizedCrop+flip: basic adds nothing; trivialaugment
+    (TrivialAugmentWide, torchvision's ResNet-50 and ConvNeXt recipes), randaugment (2 ops at
+    randaugment_magnitude), autoaugment (the ImageNet policy) or augmix (torchvision's v2 transforms)."""
+    randaugment_magnitude: int = 9
+    """augment=randaugment: magnitude of each op, 0-30 (9 in Cubuk et al.'s ImageNet setting)."""
+    random_erasing: float = 0.0
+    """Probability of erasing one random rectangle of each training image, after the other augmentations
+    (Zhong et al.; 0.1 in torchvision's ResNet-50 recipe); 0 disables it."""
     min_crop_scale: float = 0.25
     """Lower bound of RandomResizedCrop's area fraction (0.08 in the ImageNet recipe; larger for tiny images)."""
     oversample: bool = False
@@ -72,6 +79,16 @@ class DataConfig:
             0.0 < self.min_crop_scale <= 1.0,
             "data.min_crop_scale",
             f"must be in (0, 1], got {self.min_crop_scale}",
+        )
+        _check(
+            0 <= self.randaugment_magnitude <= 30,
+            "data.randaugment_magnitude",
+            f"must be in [0, 30], got {self.randaugment_magnitude}",
+        )
+        _check(
+            0.0 <= self.random_erasing < 1.0,
+            "data.random_erasing",
+            f"must be a probability in [0, 1), got {self.random_erasing}",
         )
 
 
@@ -378,14 +395,18 @@ class OptimConfig:
     """Decay strength delta in [0, 1); never applied to biases and normalization parameters."""
     regularization: Literal["weight_decay", "l2"] = "weight_decay"
     """weight_decay: the optimizer shrinks w (decoupled for adamw); l2: delta/2*||w||^2 is added to the loss."""
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up, stepped every iteration."""
+    schedule: Literal["cosine", "step", "exponential", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine (to 0, every iteration), step (x step_gamma at each of
+    step_milestones), exponential (x exponential_gamma at every epoch boundary) or constant."""
     warmup_epochs: int = 0
     """Epochs of linear warm-up from 1% of the peak learning rate (Goyal et al. use 5 for large batches)."""
     step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
     """Epochs (counted from the start of training) at which schedule=step multiplies the lr by step_gamma."""
     step_gamma: float = 0.1
     """Factor applied to the learning rate at each of step_milestones."""
+    exponential_gamma: float = 0.98
+    """schedule=exponential: factor applied to the learning rate after every epoch (0.98 in MobileNetV2's
+    recipe)."""
     reference_batch_size: int = 256
     """Global batch size at which lr is given (linear scaling rule)."""
     grad_clip_norm: float | None = None
@@ -431,6 +452,11 @@ class OptimConfig:
             f"must all lie after warm-up (warmup_epochs={self.warmup_epochs}), got {self.step_milestones}",
         )
         _check(0.0 < self.step_gamma <= 1.0, "optim.step_gamma", f"must be in (0, 1], got {self.step_gamma}")
+        _check(
+            0.0 < self.exponential_gamma <= 1.0,
+            "optim.exponential_gamma",
+            f"must be in (0, 1], got {self.exponential_gamma}",
+        )
         _check(
             self.reference_batch_size > 0,
             "optim.reference_batch_size",
@@ -492,9 +518,19 @@ class TrainConfig:
     """Seconds between in-epoch progress lines (step, loss, img/s) and step-loss points in MLflow; 0: none."""
     seed: int = 0
     """Seed of model initialization and of everything not seeded by the data config."""
+    mixup_alpha: float = 0.0
+    """MixUp (Zhang et al.): each training batch mixed with its own permutation, weight ~ Beta(alpha, alpha),
+    labels mixed alike; 0 disables it (0.2 in torchvision's ResNet-50 recipe)."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al.): a Beta(alpha, alpha)-sized box pasted from the permuted batch, labels mixed by
+    area; 0 disables it (1.0 in torchvision's recipe). With both set, each batch takes one at random."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.mixup_alpha >= 0, "train.mixup_alpha", f"must be >= 0 (0: off), got {self.mixup_alpha}")
+        _check(
+            self.cutmix_alpha >= 0, "train.cutmix_alpha", f"must be >= 0 (0: off), got {self.cutmix_alpha}"
+        )
         _check(self.sanity_val_batches >= 0, "train.sanity_val_batches", "must be >= 0")
         _check(self.progress_interval_s >= 0, "train.progress_interval_s", "must be >= 0 seconds (0: off)")
 

@@ -57,7 +57,7 @@ def test_overrides_are_typed(tmp_path):
         ("data.batch_size=8", "data.batch_size: unknown key; did you mean 'batch_size_per_worker'"),
         ("data.batch_size_per_worker=0", "data.batch_size_per_worker: must be a positive integer"),
         ("data.batch_size_per_worker=eight", "data.batch_size_per_worker: expected an integer"),
-        ("data.augment=randaugment", "data.augment: must be one of 'basic', 'trivialaugment'"),
+        ("data.augment=cutout", "data.augment: must be one of 'basic', 'trivialaugment', 'randaugment'"),
         ("data.oversample=maybe", "data.oversample: expected true or false"),
         ("toy.downstream_classes=7", "toy.downstream_classes: must be between 2 and 5"),
         ("toy=3", "toy: expected a mapping"),

@@ -77,6 +77,24 @@ def _setup(toy_shards, *, epochs, optim=None, early=None, seed=0):
     )
 
 
+def test_mixup_and_cutmix_train_on_soft_targets_in_the_loop(small_shards):
+    """One epoch with MixUp + CutMix against the same epoch without: the same data order and initial weights,
+    so only the batch mixing can make the losses differ; train top-1 is still measured on hard labels."""
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    losses = {}
+    for name, changes in {"plain": {}, "mixed": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}.items():
+        model, kw = _setup(small_shards, epochs=1)
+        kw["train_cfg"] = replace(kw["train_cfg"], **changes)
+        torch.manual_seed(0)
+        history = fit(model, **kw).history
+        losses[name] = history[0]["train/loss"]
+        assert 0.0 <= history[0]["train/top1"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert losses["mixed"] != losses["plain"], losses
+
+
 def test_early_stopping_restores_the_best_epoch(small_shards):
     torch.set_num_threads(1)
     # Accuracy cannot rise by min_delta=2, so nothing after the first epoch counts as an improvement: epoch 0

@@ -137,7 +137,13 @@ class _SlotStream(IterableDataset):
         self.batches_per_rank = batches_per_rank
         self.factors = repeat_factors(manifest) if (train and cfg.oversample) else None
         self.transform = (
-            transforms.train_transform(cfg.resolution, augment=cfg.augment, min_crop_scale=cfg.min_crop_scale)
+            transforms.train_transform(
+                cfg.resolution,
+                augment=cfg.augment,
+                min_crop_scale=cfg.min_crop_scale,
+                randaugment_magnitude=cfg.randaugment_magnitude,
+                random_erasing=cfg.random_erasing,
+            )
             if train
             else transforms.eval_transform(cfg.resolution)
         )

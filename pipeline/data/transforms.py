@@ -64,16 +64,48 @@ def decode_any(data: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+Augment = Literal["basic", "trivialaugment", "randaugment", "autoaugment", "augmix"]
+
+
 def train_transform(
-    resolution: int, *, augment: Literal["basic", "trivialaugment"] = "basic", min_crop_scale: float = 0.08
+    resolution: int,
+    *,
+    augment: Augment = "basic",
+    min_crop_scale: float = 0.08,
+    randaugment_magnitude: int = 9,
+    random_erasing: float = 0.0,
 ) -> v2.Transform:
+    """RandomResizedCrop + flip, then the ``augment`` policy, then random erasing; all on uint8 tensors."""
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(resolution, scale=(min_crop_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
     ]
-    if augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide())
+    policies: dict[str, v2.Transform] = {
+        "trivialaugment": v2.TrivialAugmentWide(),
+        "randaugment": v2.RandAugment(num_ops=2, magnitude=randaugment_magnitude),
+        "autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+        "augmix": v2.AugMix(),
+    }
+    if augment != "basic":
+        steps.append(policies[augment])
+    if random_erasing > 0:
+        # Erased pixels are 0 in uint8, i.e. black before normalization (torchvision's recipe erases after
+        # normalization with 0, i.e. the mean colour; on this uint8 path that would need a per-channel fill).
+        steps.append(v2.RandomErasing(p=random_erasing, value=0))
     return v2.Compose(steps)
+
+
+def batch_mixer(train_cfg, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix on a whole (images, labels) batch, one of them at random per batch; the labels
+    come back as class probabilities. None when both are off. ``train_cfg``: a TrainConfig."""
+    mixers: list[v2.Transform] = []
+    if train_cfg.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=train_cfg.mixup_alpha, num_classes=num_classes))
+    if train_cfg.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=train_cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def eval_sizes(resolution: int) -> tuple[int, int]:

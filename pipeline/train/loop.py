@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.data.loader import DataWait
-from pipeline.data.transforms import normalize
+from pipeline.data.transforms import batch_mixer, normalize
 from pipeline.models.heads import get_classifier, set_train_mode
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.early_stopping import EarlyStopping, agree
@@ -242,6 +242,7 @@ def fit(
     )
     epoch_seconds: list[float] = []
     sampler = SystemSampler(device) if system_metrics else None
+    mixer = batch_mixer(train_cfg, get_classifier(net).out_features)
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         if on_epoch_start is not None:
@@ -257,9 +258,14 @@ def fit(
         for step_in_epoch, (images, labels) in enumerate(meter.iterate(train_loader), start=1):
             x = normalize(images, device=device, channels_last=train_cfg.channels_last)
             y = labels.to(device, non_blocking=True)
+            # MixUp/CutMix on the device: the loss takes the mixed class probabilities, while train/top1 below
+            # still compares with the hard labels (the dominant image's class).
+            x, target = mixer(x, y) if mixer is not None else (x, y)
             with _autocast(device, train_cfg):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=optim_cfg.label_smoothing)
+                loss = F.cross_entropy(
+                    logits, target, weight=weight, label_smoothing=optim_cfg.label_smoothing
+                )
             total = loss + regularization_loss(net, optim_cfg)  # the L2 mode's delta/2 ||w||^2, else 0
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -78,8 +78,9 @@ def regularization_loss(model: nn.Module, cfg: OptimConfig) -> torch.Tensor:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int
 ) -> lr_scheduler.LRScheduler:
-    """Linear warm-up then cosine (to 0 at the last step), step decay or a constant lr; call ``step()`` per
-    iteration (after ``optimizer.step()``). Milestones are epochs counted from the start of training.
+    """Linear warm-up then cosine (to 0 at the last step), step decay, per-epoch exponential decay or a
+    constant lr; call ``step()`` per iteration (after ``optimizer.step()``). Milestones are epochs counted
+    from the start of training; the exponential decay counts epochs from the end of warm-up.
     """
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch} and {epochs}")
@@ -93,6 +94,10 @@ def build_scheduler(
         # The main scheduler counts from the end of warm-up, so shift the milestones by the warm-up length.
         milestones = [m * steps_per_epoch - warmup_steps for m in cfg.step_milestones]
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.step_gamma)
+    elif cfg.schedule == "exponential":
+        # Per epoch, as torchvision's StepLR(step_size=1, gamma) recipes: constant within an epoch.
+        gamma = cfg.exponential_gamma
+        main = lr_scheduler.LambdaLR(optimizer, lambda step: gamma ** (step // steps_per_epoch))
     else:
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if warmup_steps == 0:
