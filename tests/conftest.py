@@ -221,7 +221,24 @@ def wait_for(predicate, timeout_s: float, what: str, *, every_s: float = 0.5):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+# Modules that use Ray in this process, in the order they run, before all others: the multi-node cluster
+# first (it needs this process free of the shared local instance), then the users of ``local_ray``, which
+# start it once. After the last of them it is shut down, so the CPU-bound tests that follow do not share the
+# two cores with an idle Ray instance's daemons.
+RAY_MODULES = ("test_multinode.py", "test_finetune.py", "test_predict.py", "test_recipes.py")
+
+
+def _ray_rank(item) -> int:
+    name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return RAY_MODULES.index(name) if name in RAY_MODULES else len(RAY_MODULES)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The multi-node tests first: their cluster needs this process free of the shared local Ray instance
-    (``local_ray``), which the later modules then start once instead of twice."""
-    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0].endswith("test_multinode.py") else 1)
+    items.sort(key=_ray_rank)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is not None and _ray_rank(item) < len(RAY_MODULES) <= _ray_rank(nextitem):
+        import ray
+
+        ray.shutdown()
