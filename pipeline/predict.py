@@ -218,8 +218,7 @@ def predict_batch(predictor: Predictor, batch: dict[str, Any], top_k: int) -> di
     truth = [int(t) for t in batch["label"]]
     if good:
         probabilities = predictor.probabilities(torch.from_numpy(np.asarray(batch["pixels"])[good]))
-        k = max(top_k, min(TOP5, probabilities.shape[1]))
-        ranked_scores, ranked = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+        ranked_scores, ranked = predictor.ranked(probabilities, max(top_k, TOP5))
         for row, i in enumerate(good):
             indices = ranked[row].tolist()
             predicted[i] = indices[0]
@@ -243,38 +242,42 @@ def predict_batch(predictor: Predictor, batch: dict[str, Any], top_k: int) -> di
     }
 
 
+ROW_KEYS = ("path", "image", "label", "error")
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in ROW_KEYS}
+
+
+def stream_rows(inputs: Inputs, *, read_batch: int) -> Iterator[dict[str, Any]]:
+    """The inputs' rows (``path``, ``image``, ``label``, ``error``) in order, read in this process."""
+    if inputs.shards:
+        for url in inputs.shards:
+            yield from shard_rows(url, inputs.shard_labels)
+        return
+    for start in range(0, len(inputs.rows), read_batch):
+        chunk = inputs.rows[start : start + read_batch]
+        batch = read_files({"path": [r["path"] for r in chunk], "label": [r["label"] for r in chunk]})
+        for i in range(len(chunk)):
+            yield {key: batch[key][i] for key in ROW_KEYS}
+
+
 def _in_process_batches(plan: PredictPlan) -> Iterator[dict[str, Any]]:
     """The three steps in this process (``replicas=0``): no Ray, the model on this process's device."""
     from pipeline.predictor import Predictor
 
     predictor = Predictor.from_payload(plan.payload)
     size = plan.cfg.batch_size
-
-    def rows() -> Iterator[dict[str, Any]]:
-        if plan.inputs.shards:
-            for url in plan.inputs.shards:
-                yield from shard_rows(url, plan.inputs.shard_labels)
-        else:
-            for start in range(0, len(plan.inputs.rows), size):
-                chunk = plan.inputs.rows[start : start + size]
-                batch = read_files({"path": [r["path"] for r in chunk], "label": [r["label"] for r in chunk]})
-                yield from (
-                    dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
-                )
-
     chunk: list[dict[str, Any]] = []
-    for row in rows():
+    for row in stream_rows(plan.inputs, read_batch=size):
         chunk.append(row)
         if len(chunk) == size:
-            yield _predict_rows(predictor, chunk, plan.cfg.top_k)
+            yield predict_batch(
+                predictor, decode_batch(_columns(chunk), predictor.preprocess), plan.cfg.top_k
+            )
             chunk = []
     if chunk:
-        yield _predict_rows(predictor, chunk, plan.cfg.top_k)
-
-
-def _predict_rows(predictor: Predictor, rows: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
-    batch = {key: [row[key] for row in rows] for key in ("path", "image", "label", "error")}
-    return predict_batch(predictor, decode_batch(batch, predictor.preprocess), top_k)
+        yield predict_batch(predictor, decode_batch(_columns(chunk), predictor.preprocess), plan.cfg.top_k)
 
 
 def load_images(url: str, preprocess: Preprocessing, *, limit: int) -> tuple[Any, list[dict[str, str]]]:
@@ -285,18 +288,12 @@ def load_images(url: str, preprocess: Preprocessing, *, limit: int) -> tuple[Any
     if _is_manifest(url):
         from pipeline.data.manifest import load_manifest
 
-        rows: Iterator[dict[str, Any]] = (
-            row for shard in load_manifest(url).shard_urls() for row in shard_rows(shard, None)
-        )
+        inputs = Inputs(shards=load_manifest(url).shard_urls())
     else:
-        rows = (
-            dict(zip(("path", "label", "image", "error"), values, strict=True))
-            for path in _list_files(url.rstrip("/"))
-            for values in zip(*read_files({"path": [path], "label": [NO_LABEL]}).values(), strict=True)
-        )
+        inputs = Inputs(rows=[{"path": path, "label": NO_LABEL} for path in _list_files(url.rstrip("/"))])
     images, skipped = [], []
-    for row in rows:
-        decoded = decode_batch({key: [row[key]] for key in ("path", "image", "label", "error")}, preprocess)
+    for row in stream_rows(inputs, read_batch=1):  # one at a time: no file read past the limit
+        decoded = decode_batch(_columns([row]), preprocess)
         if decoded["error"][0]:
             skipped.append({"path": row["path"], "reason": decoded["error"][0]})
             continue
@@ -342,9 +339,16 @@ class Results:
             for path, reason in zip(frame["path"][failed], frame["error"][failed], strict=True)
         ]
         if self.labelled:
+            import torch
+
+            from pipeline.train.metrics import confusion_matrix
+
             ok = frame[~failed & (frame["true_index"] != NO_LABEL)]
-            for truth, predicted in zip(ok["true_index"], ok["predicted_index"], strict=True):
-                self.confusion[int(truth), int(predicted)] += 1
+            self.confusion += confusion_matrix(
+                torch.tensor(ok["predicted_index"].to_numpy(dtype=np.int64)),
+                torch.tensor(ok["true_index"].to_numpy(dtype=np.int64)),
+                len(self.classes),
+            )
             self.top5_hits += int(ok["in_top5"].sum())
         columns = [*OUTPUT_COLUMNS, "true_label"] if self.labelled else list(OUTPUT_COLUMNS)
         if len(self.preview) < PREVIEW_ROWS:

@@ -69,10 +69,10 @@ class Predictor:
         logits = self.model(normalize(images, device=self.device))
         return logits.float().softmax(dim=1).cpu()
 
-    def top_k(self, probabilities: torch.Tensor, k: int) -> tuple[list[list[str]], list[list[float]]]:
-        scores, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-        labels = [[self.classes[i] for i in row] for row in indices.tolist()]
-        return labels, scores.tolist()
+    @staticmethod
+    def ranked(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, class indexes)`` of each row's ``k`` most probable classes (all, if fewer)."""
+        return probabilities.topk(min(k, probabilities.shape[1]), dim=1)
 
     def predict_bytes(self, blobs: Sequence[bytes], *, top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
         """One row per input: ``label``, ``score``, ``top_k_labels``, ``top_k_scores``, ``prob_<class>``
@@ -88,7 +88,9 @@ class Predictor:
         good = [row for row in rows if row["error"] is None]
         if good:
             probabilities = self.probabilities(torch.stack(images))
-            labels, scores = self.top_k(probabilities, top_k)
+            ranked_scores, ranked = self.ranked(probabilities, top_k)
+            labels = [[self.classes[i] for i in row] for row in ranked.tolist()]
+            scores = ranked_scores.tolist()
             for row, p, row_labels, row_scores in zip(
                 good, probabilities.tolist(), labels, scores, strict=True
             ):

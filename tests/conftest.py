@@ -175,6 +175,28 @@ def toy_model(toy_manifests, tmp_path_factory) -> ToyModel:
     )
 
 
+def pretrain_shards(
+    raw: Path, dest: str, *, train_per_class: int, val_per_class: int, samples_per_shard: int
+) -> dict[str, str]:
+    """The embedded pre-training task at 32 px (10 classes; a token downstream task beside it) sharded into
+    ``dest`` (a directory or s3:// prefix): {"train": url, "val": url}. Each image is drawn from its own
+    seed, so the pre-training images do not depend on the downstream sizes."""
+    from pipeline.config import ShardConfig, ToyConfig
+    from pipeline.data.prepare import prepare_embedded
+
+    toy = ToyConfig(
+        root=str(raw),
+        image_size=32,
+        pretrain_train_per_class=train_per_class,
+        pretrain_val_per_class=val_per_class,
+        downstream_train_max=2,
+        downstream_val_per_class=1,
+        downstream_imbalance=1.0,
+    )
+    shards = ShardConfig(dest=dest, samples_per_shard=samples_per_shard, workers=1)
+    return prepare_embedded(toy, shards).manifests["pretrain"]
+
+
 def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
     """Overrides that point the toy_resnet20 recipe at test shards and keep every output under ``workdir``."""
     return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pretrain_shards
 
 from pipeline.config import DataConfig, EarlyStoppingConfig, OptimConfig, ShardConfig, ToyConfig, TrainConfig
 from pipeline.data.loader import build_loader
@@ -20,17 +21,10 @@ BATCH = 50
 @pytest.fixture(scope="module")
 def toy_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=100,
-        pretrain_val_per_class=20,
-        downstream_train_max=10,
-        downstream_val_per_class=2,
-        downstream_imbalance=2.0,
+    urls = pretrain_shards(
+        root / "raw", str(root / "shards"), train_per_class=100, val_per_class=20, samples_per_shard=250
     )
-    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=250, workers=1))
-    return {split: load_manifest(url) for split, url in prepared.manifests["pretrain"].items()}
+    return {split: load_manifest(url) for split, url in urls.items()}
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +32,10 @@ def small_shards(tmp_path_factory):
     """A fifth of the data, for tests whose assertion does not depend on how much is learned (restoring the
     best epoch, bit-identical resume, frozen stages): 200 train / 100 val images."""
     root = tmp_path_factory.mktemp("toy-small")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=20,
-        pretrain_val_per_class=10,
-        downstream_train_max=2,
-        downstream_val_per_class=1,
-        downstream_imbalance=1.0,
+    urls = pretrain_shards(
+        root / "raw", str(root / "shards"), train_per_class=20, val_per_class=10, samples_per_shard=100
     )
-    prepared = prepare_embedded(toy, ShardConfig(dest=str(root / "shards"), samples_per_shard=100, workers=1))
-    return {split: load_manifest(url) for split, url in prepared.manifests["pretrain"].items()}
+    return {split: load_manifest(url) for split, url in urls.items()}
 
 
 def _setup(toy_shards, *, epochs, optim=None, early=None, seed=0):

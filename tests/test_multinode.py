@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import toy_pretrain_overrides
+from conftest import pretrain_shards, toy_pretrain_overrides
 from conftest import wait_for as _wait_for
 from imgtree import write_sized_shards
 
@@ -414,46 +414,28 @@ RUN_EPOCHS = 5
 @pytest.fixture(scope="module")
 def s3_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
     """Toy shards in the cluster's bucket (1,500 train / 300 val images of 10 classes)."""
-    from pipeline.config import ShardConfig, ToyConfig
-    from pipeline.data.prepare import prepare_embedded
-
-    root = tmp_path_factory.mktemp("s3-shards")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=150,
-        pretrain_val_per_class=30,
-        downstream_train_max=2,
-        downstream_val_per_class=1,
-        downstream_imbalance=1.0,
-    )
     bucket = cluster_env["PIPELINE_STORAGE_ROOT"].split("/")[2]
-    prepared = prepare_embedded(
-        toy, ShardConfig(dest=f"s3://{bucket}/shards", samples_per_shard=250, workers=1)
+    return pretrain_shards(
+        tmp_path_factory.mktemp("s3-shards") / "raw",
+        f"s3://{bucket}/shards",
+        train_per_class=150,
+        val_per_class=30,
+        samples_per_shard=250,
     )
-    return prepared.manifests["pretrain"]
 
 
 @pytest.fixture(scope="module")
 def s3_small_shards(cluster_env, tmp_path_factory) -> dict[str, str]:
     """A third of that (500 / 150 images), for the search and the outage run: their assertions are about
     trials and records, not accuracy."""
-    from pipeline.config import ShardConfig, ToyConfig
-    from pipeline.data.prepare import prepare_embedded
-
-    root = tmp_path_factory.mktemp("s3-small-shards")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=50,
-        pretrain_val_per_class=15,
-        downstream_train_max=2,
-        downstream_val_per_class=1,
-        downstream_imbalance=1.0,
-    )
     bucket = cluster_env["PIPELINE_STORAGE_ROOT"].split("/")[2]
-    shards = ShardConfig(dest=f"s3://{bucket}/small-shards", samples_per_shard=125, workers=1)
-    return prepare_embedded(toy, shards).manifests["pretrain"]
+    return pretrain_shards(
+        tmp_path_factory.mktemp("s3-small-shards") / "raw",
+        f"s3://{bucket}/small-shards",
+        train_per_class=50,
+        val_per_class=15,
+        samples_per_shard=125,
+    )
 
 
 def _jobs(cluster):
