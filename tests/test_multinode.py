@@ -65,21 +65,14 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 @pytest.fixture(scope="module")
 def multinode_data(tmp_path_factory) -> dict[str, str]:
     """Manifest URLs: toy ``train`` and ``val`` (several shards each, uneven val) and a one-shard ``odd_val``."""
-    from pipeline.config import ShardConfig, ToyConfig
-    from pipeline.data.prepare import prepare_embedded
-
     root = tmp_path_factory.mktemp("multinode-data")
-    toy = ToyConfig(
-        root=str(root / "raw"),
-        image_size=32,
-        pretrain_train_per_class=TRAIN_PER_CLASS,
-        pretrain_val_per_class=VAL_PER_CLASS,
-        downstream_train_max=2,
-        downstream_val_per_class=1,
-        downstream_imbalance=1.0,
+    pretrain = pretrain_shards(
+        root / "raw",
+        str(root / "shards"),
+        train_per_class=TRAIN_PER_CLASS,
+        val_per_class=VAL_PER_CLASS,
+        samples_per_shard=SAMPLES_PER_SHARD,
     )
-    shards = ShardConfig(dest=str(root / "shards"), samples_per_shard=SAMPLES_PER_SHARD, workers=1)
-    pretrain = prepare_embedded(toy, shards).manifests["pretrain"]
     odd = write_sized_shards(root / "odd-val", ODD_VAL_SIZES, num_classes=NUM_CLASSES, image_size=32)
     return {"train": pretrain["train"], "val": pretrain["val"], "odd_val": odd.url}
 
