@@ -41,7 +41,19 @@ class DataConfig:
     val_manifest: str = ""
     """URL of the validation split's manifest.json (same forms as train_manifest)."""
     resolution: int = 64
-    """Side of the square crop fed to the network, in pixels."""
+    """Side of the square random crop fed to the network in training, in pixels (torchvision's
+    train_crop_size)."""
+    eval_crop: int | None = None
+    """Side of evaluation's centre crop; null = resolution. FixRes (Touvron et al.): evaluating at a larger
+    crop than training's random crop (176 px train, 224 px eval in torchvision's ResNet-50 V2 recipe) makes
+    apparent object sizes agree between train and test."""
+    eval_resize: int | None = None
+    """Evaluation resizes the short side to this before the centre crop; null = eval_crop / 0.875 (e.g. 256
+    for 224). torchvision's ResNet-50 V2 recipe uses 232 for a 224 crop."""
+    repeated_augment: int = 1
+    """Repeated augmentation (Hoffer et al.; torchvision's --ra-reps 4): each training sample appears this
+    many times per epoch, each copy with its own augmentation and spread over the ranks, while the epoch
+    keeps its length (so it covers 1/k of the distinct samples); 1 disables it."""
     batch_size_per_worker: int = 64
     """Samples per batch on each training worker (rank); the global batch is this times the world size."""
     loader_workers: int = 2
@@ -68,6 +80,21 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.resolution >= 8, "data.resolution", f"must be >= 8 pixels, got {self.resolution}")
+        _check(
+            self.eval_crop is None or self.eval_crop >= 8,
+            "data.eval_crop",
+            f"must be >= 8 pixels or null (= resolution), got {self.eval_crop}",
+        )
+        _check(
+            self.eval_resize is None or self.eval_resize >= (self.eval_crop or self.resolution),
+            "data.eval_resize",
+            f"must be >= the eval crop ({self.eval_crop or self.resolution}) or null, got {self.eval_resize}",
+        )
+        _check(
+            self.repeated_augment >= 1,
+            "data.repeated_augment",
+            f"must be an integer >= 1 (1: off), got {self.repeated_augment}",
+        )
         _check(
             self.batch_size_per_worker > 0,
             "data.batch_size_per_worker",
@@ -395,15 +422,28 @@ class OptimConfig:
     """Decay strength delta in [0, 1); never applied to biases and normalization parameters."""
     regularization: Literal["weight_decay", "l2"] = "weight_decay"
     """weight_decay: the optimizer shrinks w (decoupled for adamw); l2: delta/2*||w||^2 is added to the loss."""
-    schedule: Literal["cosine", "step", "exponential", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up: cosine (to 0, every iteration), step (x step_gamma at each of
-    step_milestones), exponential (x exponential_gamma at every epoch boundary) or constant."""
+    schedule: Literal["cosine", "step", "multistep", "exponential", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine (to 0 at the end), step (x step_gamma every step_size
+    epochs), multistep (x step_gamma at each of step_milestones), exponential (x exponential_gamma per
+    epoch) or constant."""
+    schedule_unit: Literal["step", "epoch"] = "step"
+    """How often the lr changes: step = after every optimizer step (a smooth cosine, exponential and warm-up
+    ramp), epoch = only at epoch boundaries, as torchvision's recipes step their schedulers."""
     warmup_epochs: int = 0
-    """Epochs of linear warm-up from 1% of the peak learning rate (Goyal et al. use 5 for large batches)."""
+    """Epochs of warm-up before the schedule (Goyal et al. use 5 for large batches); 0: none."""
+    warmup_method: Literal["linear", "constant"] = "linear"
+    """linear: the lr ramps from warmup_factor x peak to the peak; constant: it stays at warmup_factor x
+    peak for the whole warm-up (He et al.'s ResNet-110 warm-up at 0.1 x)."""
+    warmup_factor: float = 0.01
+    """Fraction of the peak lr where warm-up starts (linear) or stays (constant); torchvision's
+    lr_warmup_decay."""
+    step_size: int = 30
+    """schedule=step: epochs between two multiplications by step_gamma (torchvision's lr_step_size)."""
     step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
-    """Epochs (counted from the start of training) at which schedule=step multiplies the lr by step_gamma."""
+    """Epochs (counted from the start of training) at which schedule=multistep multiplies the lr by
+    step_gamma."""
     step_gamma: float = 0.1
-    """Factor applied to the learning rate at each of step_milestones."""
+    """Factor applied to the learning rate by schedule=step and schedule=multistep."""
     exponential_gamma: float = 0.98
     """schedule=exponential: factor applied to the learning rate after every epoch (0.98 in MobileNetV2's
     recipe)."""
@@ -413,9 +453,23 @@ class OptimConfig:
     """Clip the global gradient L2 norm to this value before each step; null disables clipping."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing in [0, 1)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay for fine-tuning (Clark et al., BEiT): the lr of a block at depth d of L is
+    lr x layer_decay^(L - d), so early, generic features move least and the head at full lr; 1: off."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(
+            0.0 < self.layer_decay <= 1.0,
+            "optim.layer_decay",
+            f"must be in (0, 1] (1: off; 0.65-0.9 usual), got {self.layer_decay}",
+        )
+        _check(
+            0.0 < self.warmup_factor <= 1.0,
+            "optim.warmup_factor",
+            f"must be in (0, 1], got {self.warmup_factor}",
+        )
+        _check(self.step_size >= 1, "optim.step_size", f"must be >= 1 epoch, got {self.step_size}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(
             not self.nesterov or (self.name == "sgd" and self.momentum > 0),
@@ -447,9 +501,15 @@ class OptimConfig:
             f"must be increasing positive epochs, got {self.step_milestones}",
         )
         _check(
-            self.schedule != "step" or all(m > self.warmup_epochs for m in self.step_milestones),
+            self.schedule != "multistep" or all(m > self.warmup_epochs for m in self.step_milestones),
             "optim.step_milestones",
             f"must all lie after warm-up (warmup_epochs={self.warmup_epochs}), got {self.step_milestones}",
+        )
+        # schedule=step once meant milestones; a recipe from then would silently decay every step_size epochs.
+        _check(
+            self.schedule != "step" or self.step_milestones == [30, 60, 80],
+            "optim.step_milestones",
+            "belong to schedule=multistep; schedule=step multiplies the lr every step_size epochs",
         )
         _check(0.0 < self.step_gamma <= 1.0, "optim.step_gamma", f"must be in (0, 1], got {self.step_gamma}")
         _check(
@@ -499,6 +559,30 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """Exponential moving average (EMA) of weights and buffers, as in torchvision's recipes."""
+
+    enabled: bool = False
+    """Keep an EMA copy of the model, evaluated every epoch beside the raw one (val_ema/... metrics)."""
+    decay: float = 0.99998
+    """Per-sample-normalized decay (torchvision's model_ema_decay); the per-update decay is
+    1 - (1 - decay) x global_batch x every_steps / epochs, as torchvision adjusts it."""
+    every_steps: int = 32
+    """Update the average every this many optimizer steps (torchvision's model_ema_steps)."""
+    select: Literal["raw", "ema"] = "raw"
+    """Which model early stopping watches and whose best weights are exported and registered."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.decay < 1.0, "train.ema.decay", f"must be in (0, 1), got {self.decay}")
+        _check(self.every_steps >= 1, "train.ema.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(
+            self.select == "raw" or self.enabled,
+            "train.ema.select",
+            "ema needs train.ema.enabled: true",
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The epoch loop: length, early stopping and the speed switches."""
 
@@ -506,8 +590,9 @@ class TrainConfig:
     """Maximum number of epochs (early stopping may end sooner)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """When to stop and which metric picks the best epoch, whose weights are restored at the end."""
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    """bf16 autocast: auto = on for CUDA, off on CPU (where bf16 matmuls are slower)."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision: bf16 autocast; fp16 autocast with a GradScaler (loss scaling, for GPUs without
+    bf16); auto = bf16 on a CUDA GPU that supports it, fp16 on one that does not, off on CPU."""
     channels_last: bool = False
     """NHWC memory format: faster convolutions on tensor-core GPUs; usually slower on CPU."""
     compile: bool = False
@@ -524,9 +609,22 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     """CutMix (Yun et al.): a Beta(alpha, alpha)-sized box pasted from the permuted batch, labels mixed by
     area; 0 disables it (1.0 in torchvision's recipe). With both set, each batch takes one at random."""
+    ema: EmaConfig = field(default_factory=lambda: EmaConfig())
+    """Exponential moving average of the weights, evaluated beside the raw model."""
+    accumulate_steps: int = 1
+    """Gradient accumulation: one optimizer step per this many batches, so the effective global batch (and
+    the linearly scaled lr) is batch_size_per_worker x workers x accumulate_steps; 1: off."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP, so statistics are over the global batch (small
+    per-GPU batches); no effect with one worker."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(
+            self.accumulate_steps >= 1,
+            "train.accumulate_steps",
+            f"must be an integer >= 1 (1: off), got {self.accumulate_steps}",
+        )
         _check(self.mixup_alpha >= 0, "train.mixup_alpha", f"must be >= 0 (0: off), got {self.mixup_alpha}")
         _check(
             self.cutmix_alpha >= 0, "train.cutmix_alpha", f"must be >= 0 (0: off), got {self.cutmix_alpha}"

@@ -76,7 +76,7 @@ def _compress_schedule(tree: dict, epochs: int) -> dict[str, object]:
     scale = epochs / train.get("epochs", 90)
     warmup = min(1, optim.get("warmup_epochs", 0), epochs - 1)  # a warm-up needs an epoch after it
     changes: dict[str, object] = {"train.epochs": epochs, "optim.warmup_epochs": warmup}
-    if optim.get("schedule") == "step":
+    if optim.get("schedule") == "multistep":
         milestones = optim.get("step_milestones", [30, 60, 80])
         changes["optim.step_milestones"] = sorted(
             {min(epochs, max(warmup + 1, round(m * scale))) for m in milestones}

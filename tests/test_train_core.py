@@ -222,7 +222,7 @@ def test_warmup_then_cosine():
 
 
 def test_warmup_then_step_milestones_in_epochs():
-    cfg = OptimConfig(lr=0.1, warmup_epochs=1, schedule="step", step_milestones=[2, 4], step_gamma=0.1)
+    cfg = OptimConfig(lr=0.1, warmup_epochs=1, schedule="multistep", step_milestones=[2, 4], step_gamma=0.1)
     lrs = lrs_over(cfg, global_batch_size=256, steps_per_epoch=10, epochs=5)
     assert lrs[10] == pytest.approx(0.1) and lrs[19] == pytest.approx(0.1)
     assert lrs[20] == pytest.approx(0.01) and lrs[39] == pytest.approx(0.01)

@@ -90,7 +90,7 @@ def build_scheduler(
     main_steps = epochs * steps_per_epoch - warmup_steps
     if cfg.schedule == "cosine":
         main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
-    elif cfg.schedule == "step":
+    elif cfg.schedule == "multistep":
         # The main scheduler counts from the end of warm-up, so shift the milestones by the warm-up length.
         milestones = [m * steps_per_epoch - warmup_steps for m in cfg.step_milestones]
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.step_gamma)
