@@ -72,7 +72,7 @@ def summarize_training(job: str) -> Callable[[Any, Any], None]:
     def summarize(cfg: Any, outcome: Any) -> None:
         best = "n/a" if outcome.best_metric is None else f"{outcome.best_metric:.4f}"
         print(f"\n=== {job} {outcome.run_name}: {outcome.epochs_completed} epochs ===")
-        print(f"best {cfg.train.early_stopping.metric} = {best} at epoch {outcome.best_epoch}")
+        print(f"best {cfg.train.watched_metric} = {best} at epoch {outcome.best_epoch}")
         last = outcome.final_metrics
         if last:
             print(

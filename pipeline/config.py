@@ -618,6 +618,13 @@ class TrainConfig:
     """Convert BatchNorm to SyncBatchNorm under DDP, so statistics are over the global batch (small
     per-GPU batches); no effect with one worker."""
 
+    @property
+    def watched_metric(self) -> str:
+        """The metric that picks the best epoch: early_stopping.metric, of the EMA model when it is selected
+        (val/top1 -> val_ema/top1)."""
+        metric = self.early_stopping.metric
+        return metric.replace("val/", "val_ema/", 1) if self.ema.select == "ema" else metric
+
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(
@@ -644,7 +651,7 @@ class ModelConfig:
     dropout: float | None = None
     """Dropout probability before the final linear layer in [0, 1); null keeps the family's default."""
     stochastic_depth: float | None = None
-    """Final block's drop-path probability (EfficientNet, ConvNeXt only); null keeps torchvision's default."""
+    """Final block's drop-path probability, residual nets only (docs/models.md); null: the family default."""
     scaling: dict[str, Any] = field(default_factory=dict)
     """Family scaling knobs, e.g. {width_mult: 0.5} (MobileNetV2), {phi: 1} (efficientnet_compound)."""
 

@@ -70,8 +70,12 @@ def validate_model(cfg: PretrainConfig) -> str:
         raise ConfigError(f"model.scaling: {error}") from None
     if cfg.model.stochastic_depth is not None and spec.stochastic_depth is None:
         raise ConfigError(
-            f"model.stochastic_depth: the {spec.family} family has no stochastic depth; remove it"
+            f"model.stochastic_depth: the {spec.family} family has no residual branches to drop "
+            "(no stochastic depth); remove it"
         )
+    if cfg.train.sync_batchnorm and not cfg.scaling.use_gpu:
+        # torch's SyncBatchNorm has no CPU kernel: every worker would fail at its first forward pass.
+        raise ConfigError("train.sync_batchnorm: needs GPU workers (scaling.use_gpu: true); remove it on CPU")
     _check_resolution(cfg, arch)
     return arch
 
@@ -408,7 +412,7 @@ class TrainingJob:
             checkpoint=cfg.checkpoint,
             storage_path=plan.storage_path,
             name=plan.run_name,
-            metric=cfg.train.early_stopping.metric,
+            metric=cfg.train.watched_metric,
             mode=cfg.train.early_stopping.mode,
             tracking=TrackingCallback(tracking_uri=run.tracking_uri, run_id=run.run_id)
             if run.run_id is not None
@@ -463,7 +467,7 @@ class TrainingJob:
             publish_model(state, plan.cfg, plan.validated, tracker=run.tracker, export_url=export_url)
             stopper = state["early_stopping"]
             raise TrackingError(
-                f"training finished ({int(state['epoch'])} epochs, best {plan.cfg.train.early_stopping.metric} "
+                f"training finished ({int(state['epoch'])} epochs, best {plan.cfg.train.watched_metric} "
                 f"{stopper['best_value']}) and nothing is lost: checkpoints in {plan.run_url}, the model "
                 f"exported to {export_url}. But MLflow at {redact_uri(tracking_uri or '')} failed "
                 f"({str(error).strip().splitlines()[0][:200]}), so the run's record is incomplete and the "

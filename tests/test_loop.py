@@ -283,3 +283,169 @@ def test_progress_is_one_readable_line_per_epoch_plus_interval_lines(toy_shards)
     for step in range(1, 21):
         quiet.step(step_in_epoch=step, global_step=step, loss=torch.tensor(1.0), images=50)
     assert lines == []
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gradient accumulation, fp16 loss scaling and the weight average, on in-memory batches (milliseconds each)
+
+
+class MemoryLoader:
+    """The loader interface ``fit`` uses (len, set_epoch, iteration) over fixed uint8 batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+
+
+def _memory_run(*, batch_size, epochs=2, optim=None, samples=24, **train_changes):
+    """A BatchNorm-free conv net (so a batch's split cannot change its forward pass) on fixed random data."""
+    from dataclasses import replace
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (samples, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 3, (samples,), generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    )
+    optim = optim or OptimConfig(lr=0.5, reference_batch_size=samples, weight_decay=0.0, schedule="constant")
+    train = replace(
+        TrainConfig(epochs=epochs, early_stopping=EarlyStoppingConfig(enabled=False), sanity_val_batches=0),
+        **train_changes,
+    )
+    loader = MemoryLoader(images, labels, batch_size)
+    optimizer = build_optimizer(model, optim, global_batch_size=samples)
+    steps = -(-len(loader) // train.accumulate_steps)
+    kw = dict(
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, optim, steps_per_epoch=steps, epochs=epochs),
+        train_loader=loader,
+        val_loader=loader,
+        optim_cfg=optim,
+        train_cfg=train,
+        device=torch.device("cpu"),
+    )
+    return model, kw
+
+
+def test_gradient_accumulation_matches_the_larger_batch_to_1e_6():
+    """Three batches of 8 accumulated (one optimizer step per epoch) against one batch of 24: the same
+    weights to 1e-6 (float32 summation order is all that differs). Without accumulation the 8-batches would
+    take three steps per epoch and end far away."""
+    big, big_kw = _memory_run(batch_size=24)
+    fit(big, **big_kw)
+    small, small_kw = _memory_run(batch_size=8, accumulate_steps=3)
+    result = fit(small, **small_kw)
+    assert result.state.global_step == 2, "one optimizer step per 3 batches, 2 epochs"
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    plain, plain_kw = _memory_run(batch_size=8)
+    fit(plain, **plain_kw)
+    assert not torch.allclose(big[-1].weight, plain[-1].weight, atol=1e-3), "three steps differ from one"
+
+
+def test_a_short_last_group_weighs_its_batches_as_one_batch():
+    """3 batches with accumulate_steps=2: groups of 2 and 1, i.e. a step on the first 16 samples' mean loss,
+    then one on the last 8's (the short group is not halved)."""
+    import torch.nn.functional as F
+
+    from pipeline.data.transforms import normalize
+    from pipeline.train.loop import autocast_dtype
+
+    model, kw = _memory_run(batch_size=8, accumulate_steps=2, epochs=1)
+    assert fit(model, **kw).state.global_step == 2
+    manual, manual_kw = _memory_run(batch_size=8, epochs=1)
+    loader, optimizer = manual_kw["train_loader"], manual_kw["optimizer"]
+    for rows in (slice(0, 16), slice(16, 24)):
+        optimizer.zero_grad()
+        F.cross_entropy(manual(normalize(loader.images[rows])), loader.labels[rows]).backward()
+        optimizer.step()
+    for (name, a), b in zip(manual.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp16") == torch.float16
+
+
+def test_fp16_scales_the_loss_and_the_scaler_state_is_checkpointed():
+    model, kw = _memory_run(batch_size=8, amp="fp16", epochs=1)
+    before = model[-1].weight.detach().clone()
+    result = fit(model, **kw)
+    scaler = result.state.scaler
+    assert scaler is not None and scaler["scale"] == 2.0**16, "GradScaler at its initial 2^16 scale"
+    assert torch.isfinite(model[-1].weight).all() and not torch.equal(before, model[-1].weight)
+    bf16, bf16_kw = _memory_run(batch_size=8, amp="bf16", epochs=1)
+    assert fit(bf16, **bf16_kw).state.scaler is None, "bf16 needs no loss scaling"
+
+
+def test_ema_decay_is_adjusted_as_torchvision_adjusts_it():
+    from pipeline.config import EmaConfig
+    from pipeline.train.ema import ema_decay
+
+    cfg = EmaConfig(enabled=True, decay=0.99998, every_steps=32)
+    # torchvision's ResNet-50 V2 run: 8 GPUs x 128, 600 epochs.
+    assert ema_decay(cfg, global_batch_size=1024, epochs=600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
+    assert ema_decay(cfg, global_batch_size=10**6, epochs=1) == 0.0, "alpha is capped at 1"
+
+
+def test_ema_is_reset_in_warm_up_evaluated_checkpointed_resumed_and_exported_when_selected(tmp_path):
+    """The average copies the weights during warm-up, is evaluated every epoch beside the raw model, resumes
+    bit-identically from a checkpoint, and with select=ema its best epoch's weights are what fit returns."""
+    from pipeline.config import EmaConfig
+    from pipeline.train.ema import build_ema
+
+    warm = OptimConfig(
+        lr=0.5, reference_batch_size=24, weight_decay=0.0, schedule="constant", warmup_epochs=1
+    )
+    ema_cfg = EmaConfig(enabled=True, decay=0.5, every_steps=1, select="ema")
+
+    def run(**hooks):
+        model, kw = _memory_run(batch_size=8, epochs=3, optim=warm, ema=ema_cfg)
+        ema = build_ema(model, decay=0.5)
+        return model, ema, fit(model, **kw, ema=ema, **hooks)
+
+    states = {}
+
+    def keep(state, metrics):
+        copy = lambda tensors: {k: v.clone() for k, v in tensors.items()}  # noqa: E731 - live storage
+        states[state.epoch - 1] = (copy(state.model), copy(state.ema), metrics)
+
+    model, ema, straight = run(on_epoch_end=keep)
+    raw0, ema0, metrics0 = states[0]
+    assert int(ema0["n_averaged"]) == 0, "reset after every warm-up update"
+    assert torch.equal(ema0["module.4.weight"], raw0["4.weight"]), "in warm-up the average is the weights"
+    assert {"val_ema/top1", "val_ema/loss", "val/top1"} <= set(metrics0)
+    assert int(states[2][1]["n_averaged"]) == 6, "averaging after warm-up: 2 epochs x 3 steps"
+    assert not torch.equal(states[2][1]["module.4.weight"], states[2][0]["4.weight"])
+    best = straight.best_epoch
+    assert straight.best_metric == straight.history[best]["val_ema/top1"], "early stopping watched the EMA"
+    assert torch.equal(model.state_dict()["4.weight"], states[best][1]["module.4.weight"]), "EMA exported"
+
+    path = tmp_path / "ckpt.pt"
+
+    class Interrupt(Exception):
+        pass
+
+    def checkpoint_then_die(state, metrics):
+        save_checkpoint(state, path)
+        if state.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(on_epoch_end=checkpoint_then_die)
+    _, resumed_ema, resumed = run(resume=load_checkpoint(path))
+    assert [h["epoch"] for h in resumed.history] == [2]
+    for (name, a), b in zip(ema.state_dict().items(), resumed_ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -47,6 +47,8 @@ CASES = {
         ["optim.name=adamw", "optim.regularization=l2"],
         "optim.regularization: adamw is decoupled",
     ),
+    "sync batchnorm on cpu": (["train.sync_batchnorm=true"], "train.sync_batchnorm: needs GPU workers"),
+    "ema selected but off": (["train.ema.select=ema"], "train.ema.select: ema needs train.ema.enabled"),
     "unknown scaling knob": (
         ["model.scaling={depth_mult: 2}"],
         "model.scaling: cifar_resnet20: unknown scaling",

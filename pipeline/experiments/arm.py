@@ -131,7 +131,7 @@ def summarize(trained: Trained, cfg: PretrainConfig) -> dict[str, float]:
     keys = [k for k in last if k != "epoch" and not any(part in k for part in _NOT_SUMMARIZED)]
     summary = {f"last/{k}": float(last[k]) for k in keys}
     summary.update({f"best/{k}": float(best[k]) for k in keys if k in best})
-    watched = cfg.train.early_stopping.metric
+    watched = cfg.train.watched_metric
     sign = 1.0 if cfg.train.early_stopping.mode == "max" else -1.0
     model = trained.model
     summary.update(

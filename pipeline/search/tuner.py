@@ -54,7 +54,7 @@ def trial_fn(config: dict[str, Any], spec: TrialSpec) -> None:
         checkpoint=cfg.checkpoint,
         storage_path=spec.train_storage,
         name=f"train-{trial_id}",
-        metric=cfg.train.early_stopping.metric,
+        metric=cfg.train.watched_metric,
         mode=cfg.train.early_stopping.mode,
         callbacks=[TuneReportCallback()],
     )

@@ -12,6 +12,7 @@ the same decision everywhere (and ``agree`` makes sure of it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.data.loader import DataWait
@@ -28,6 +31,7 @@ from pipeline.data.transforms import batch_mixer, normalize
 from pipeline.models.heads import get_classifier, set_train_mode
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.train.early_stopping import EarlyStopping, agree
+from pipeline.train.ema import update_ema
 from pipeline.train.metrics import classification_metrics, confusion_matrix
 from pipeline.train.optim import regularization_loss
 from pipeline.train.progress import StepProgress, epoch_line
@@ -87,9 +91,31 @@ def _reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device``; None = full precision. ``auto`` takes bf16 on a
+    GPU that has it (Ampere and later), fp16 (with loss scaling) on an older one, and nothing on CPU, where
+    reduced-precision convolutions are slower than float32."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
 def _autocast(device: torch.device, cfg: TrainConfig):
-    enabled = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    dtype = autocast_dtype(device, cfg.amp)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _no_sync(model: nn.Module, skip: bool):
+    """DDP's ``no_sync`` (no gradient all-reduce) for the micro-batches before the last of an accumulation
+    group: their gradients only add up locally, and the last backward all-reduces the sum once."""
+    wrapper = model
+    while skip and wrapper is not None:
+        if isinstance(wrapper, DistributedDataParallel):
+            return wrapper.no_sync()
+        wrapper = getattr(wrapper, "module", None) or getattr(wrapper, "_orig_mod", None)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -151,6 +177,15 @@ def _reduce_confusion(
     return confusion
 
 
+def _ema_metrics(result: EvalResult) -> dict[str, float]:
+    """The EMA model's loss, top-1/5, balanced accuracy and macro-F1 as ``val_ema/...`` (not per class)."""
+    return {
+        "val_ema/" + key.split("/", 1)[1]: value
+        for key, value in result.metrics().items()
+        if key.count("/") == 1
+    }
+
+
 def fit(
     model: nn.Module,
     *,
@@ -169,6 +204,7 @@ def fit(
     class_names: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
     system_metrics: bool = False,
+    ema: AveragedModel | None = None,
 ) -> FitResult:
     """Train ``model`` (possibly DDP-wrapped) for up to ``train_cfg.epochs`` epochs.
 
@@ -180,16 +216,34 @@ def fit(
     validation loss stays unweighted); ``class_names`` name the per-class validation metrics. ``progress``
     receives the human-readable lines (one per epoch, and one every ``train_cfg.progress_interval_s`` inside
     an epoch): give it on one rank only. ``system_metrics`` adds the node's CPU, memory and GPU figures to
-    every epoch's metrics (:mod:`pipeline.train.system`).
+    every epoch's metrics (:mod:`pipeline.train.system`). ``ema`` (:func:`pipeline.train.ema.build_ema`) is
+    updated every ``train_cfg.ema.every_steps`` optimizer steps and evaluated every epoch beside the raw model
+    (``val_ema/...``); with ``train_cfg.ema.select: ema`` early stopping watches it and its best weights are
+    the ones restored at the end.
+
+    ``train_cfg.accumulate_steps`` > 1 sums the gradients of that many batches (each loss divided by the
+    group's size, so the step equals one over the concatenated batch) before each optimizer and scheduler
+    step; the epoch's last group may be shorter. ``train_cfg.amp: fp16`` scales the loss with a GradScaler,
+    whose state is checkpointed with the rest.
     """
     tracker = tracker or NullTracker()
     net = unwrap(model)
     stopper = EarlyStopping(train_cfg.early_stopping)
+    # fp16's 5 exponent bits underflow small gradients; the scaler multiplies the loss up and skips steps
+    # whose gradients overflowed. bf16 has float32's range and needs none (a disabled scaler is a no-op).
+    fp16 = autocast_dtype(device, train_cfg.amp) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     start_epoch, global_step, best_model, best_confusion = 0, 0, None, None
     history: list[dict[str, float]] = []  # all epochs, restored ones included (they go into the state)
     if resume is not None:
         state = restore_state(
-            resume, model=net, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper
+            resume,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            early_stopping=stopper,
+            scaler=scaler if fp16 else None,
+            ema=ema,
         )
         start_epoch, global_step, best_model = state.epoch, state.global_step, state.best_model
         best_confusion = state.best_confusion
@@ -227,10 +281,14 @@ def fit(
             best_model=best_model,
             history=history,
             best_confusion=best_confusion,
+            scaler=scaler if fp16 else None,
+            ema=ema,
         )
 
     stopped_early = False
-    watched = train_cfg.early_stopping.metric
+    select_ema = ema is not None and train_cfg.ema.select == "ema"
+    watched = train_cfg.watched_metric
+    accumulate = train_cfg.accumulate_steps
     state = None
     weight = None if class_weights is None else class_weights.to(device)
     steps = StepProgress(
@@ -254,26 +312,38 @@ def fit(
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         train_started = time.perf_counter()
-        steps.start_epoch(epoch, len(train_loader))
+        batches = len(train_loader)
+        steps.start_epoch(epoch, batches)
+        optimizer.zero_grad(set_to_none=True)
         for step_in_epoch, (images, labels) in enumerate(meter.iterate(train_loader), start=1):
             x = normalize(images, device=device, channels_last=train_cfg.channels_last)
             y = labels.to(device, non_blocking=True)
             # MixUp/CutMix on the device: the loss takes the mixed class probabilities, while train/top1 below
             # still compares with the hard labels (the dominant image's class).
             x, target = mixer(x, y) if mixer is not None else (x, y)
-            with _autocast(device, train_cfg):
-                logits = model(x)
-                loss = F.cross_entropy(
-                    logits, target, weight=weight, label_smoothing=optim_cfg.label_smoothing
-                )
-            total = loss + regularization_loss(net, optim_cfg)  # the L2 mode's delta/2 ||w||^2, else 0
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if optim_cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
+            group_start = (step_in_epoch - 1) // accumulate * accumulate
+            group_size = min(accumulate, batches - group_start)
+            last_of_group = step_in_epoch - group_start >= group_size
+            with _no_sync(model, not last_of_group):
+                with _autocast(device, train_cfg):
+                    logits = model(x)
+                    loss = F.cross_entropy(
+                        logits, target, weight=weight, label_smoothing=optim_cfg.label_smoothing
+                    )
+                # The L2 mode's delta/2 ||w||^2 (else 0), once per group like the data loss's mean.
+                total = (loss + regularization_loss(net, optim_cfg)) / group_size
+                scaler.scale(total).backward()
+            if last_of_group:
+                if optim_cfg.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                global_step += 1
+                if ema is not None and global_step % train_cfg.ema.every_steps == 0:
+                    update_ema(ema, net, in_warmup=epoch < optim_cfg.warmup_epochs)
             # Accumulated on the device: .item() every step would synchronize a GPU each step.
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -286,11 +356,13 @@ def fit(
             [loss_sum.item(), correct.item(), float(seen), seen / train_seconds], device
         )
         val = evaluate(model, val_loader, device=device, cfg=train_cfg)
+        ema_val = None if ema is None else evaluate(ema.module, val_loader, device=device, cfg=train_cfg)
         metrics = {
             "train/loss": train_loss / train_seen,
             "train/top1": train_correct / train_seen,
             "train/lr": optimizer.param_groups[0]["lr"],
             **val.metrics(class_names),
+            **({} if ema_val is None else _ema_metrics(ema_val)),
             "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
             "system/data_wait": meter.wait_seconds / train_seconds,
             "system/epoch_s": time.perf_counter() - started,
@@ -302,9 +374,10 @@ def fit(
             )
         decision = stopper.update(metrics[watched], epoch)
         if decision.improved:
-            best_model = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-            if val.confusion is not None and val.confusion.shape[0] <= PER_CLASS_METRICS_MAX:
-                best_confusion = val.confusion.tolist()
+            chosen, chosen_val = (ema.module, ema_val) if select_ema else (net, val)
+            best_model = {k: v.detach().to("cpu", copy=True) for k, v in chosen.state_dict().items()}
+            if chosen_val.confusion is not None and chosen_val.confusion.shape[0] <= PER_CLASS_METRICS_MAX:
+                best_confusion = chosen_val.confusion.tolist()
         stop = agree(decision.stop)
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
@@ -336,4 +409,4 @@ def fit(
     )
 
 
-__all__ = ["EvalResult", "FitResult", "evaluate", "fit", "unwrap"]
+__all__ = ["EvalResult", "FitResult", "autocast_dtype", "evaluate", "fit", "unwrap"]

@@ -31,6 +31,8 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], *, eta_s: flo
     val = [f"val top1 {metrics['val/top1']:.3f}"]
     if "val/balanced_acc" in metrics:
         val.append(f"bal {metrics['val/balanced_acc']:.3f}")
+    if "val_ema/top1" in metrics:
+        val.append(f"ema {metrics['val_ema/top1']:.3f}")
     system = [
         f"{metrics['system/images_per_s']:.0f} img/s",
         f"data {metrics['system/data_wait']:.0%}",

@@ -61,6 +61,9 @@ class TrainState:
     best_confusion: list[list[int]] | None = None
     """The best epoch's validation confusion matrix ([true][predicted] counts, up to 50 classes): the driver
     plots it for the registered model, even when that epoch came before a restart."""
+    ema: dict[str, torch.Tensor] | None = None
+    """The weight average's state_dict (``AveragedModel``: ``n_averaged`` and ``module.*``) when
+    train.ema is enabled, else None."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -115,6 +118,7 @@ def capture_state(
     best_model: dict[str, torch.Tensor] | None = None,
     history: list[dict[str, float]] | None = None,
     best_confusion: list[list[int]] | None = None,
+    ema: nn.Module | None = None,
 ) -> TrainState:
     """Snapshot the live objects and the RNGs (call it at an epoch boundary, ``epoch`` = next epoch).
 
@@ -135,6 +139,7 @@ def capture_state(
         best_model=best_model,
         history=list(history or []),
         best_confusion=best_confusion,
+        ema=ema.state_dict() if ema is not None else None,
     )
 
 
@@ -146,6 +151,7 @@ def restore_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     early_stopping: EarlyStopping,
     scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
 ) -> TrainState:
     """Load a checkpoint (from :func:`load_checkpoint`) into freshly built objects and restore the RNGs.
 
@@ -160,6 +166,10 @@ def restore_state(
     if scaler is not None:
         assert state.scaler is not None, "the checkpoint was written without a GradScaler"
         scaler.load_state_dict(state.scaler)
+    if ema is not None:
+        if state.ema is None:
+            raise ValueError("the checkpoint was written without train.ema: resume with the run's own config")
+        ema.load_state_dict(state.ema)
     restore_rng(state.rng)
     return state
 
