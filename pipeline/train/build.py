@@ -7,17 +7,20 @@ device, then wraps the model for DDP itself. Tests and the benchmark call it in 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import FinetuneConfig, ModelConfig, PretrainConfig
 from pipeline.data.loader import ShardLoader, build_loader
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.models import build_model, freeze_backbone, replace_classifier, unfreeze_backbone
+from pipeline.train.ema import build_ema, ema_decay
 from pipeline.train.loop import fit
 from pipeline.train.metrics import class_weights
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -38,6 +41,8 @@ class RunParts:
     """Per-class training-loss weights (fine-tuning on imbalanced data)."""
     find_unused_parameters: bool = False
     """DDP must tolerate parameters without gradients: two_stage freezes the backbone after wrapping."""
+    ema: AveragedModel | None = None
+    """The weight average (train.ema), on the model's device."""
 
 
 def build_classifier(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
@@ -104,20 +109,29 @@ def build_run(
         model = build_classifier(cfg.model, num_classes=num_classes)
     else:
         model = adapt_pretrained(cfg, source, num_classes=num_classes)
+    if cfg.train.sync_batchnorm and world_size > 1:
+        # Statistics over the global batch rather than each rank's few images (detection-size batches).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader = build_loader(train_manifest, cfg.data, train=True, rank=rank, world_size=world_size)
     val_loader = build_loader(val_manifest, cfg.data, train=False, rank=rank, world_size=world_size)
-    global_batch = cfg.data.batch_size_per_worker * world_size
+    # One optimizer step sees accumulate_steps batches of every rank: that is the batch the lr scales with.
+    global_batch = cfg.data.batch_size_per_worker * world_size * cfg.train.accumulate_steps
+    optimizer_steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     strategy = fine.strategy if fine is not None else "pretrain"
     if strategy == "linear":
         freeze_backbone(model)  # before the optimizer: it only ever holds the head
     factor = fine.backbone_lr_factor if fine is not None and strategy in ("full", "two_stage") else 1.0
     optimizer = build_optimizer(model, cfg.optim, global_batch_size=global_batch, backbone_lr_factor=factor)
     scheduler = build_scheduler(
-        optimizer, cfg.optim, steps_per_epoch=len(train_loader), epochs=cfg.train.epochs
+        optimizer, cfg.optim, steps_per_epoch=optimizer_steps, epochs=cfg.train.epochs
     )
+    ema = None
+    if cfg.train.ema.enabled:
+        decay = ema_decay(cfg.train.ema, global_batch_size=global_batch, epochs=cfg.train.epochs)
+        ema = build_ema(model, decay=decay)
     return RunParts(
         model,
         optimizer,
@@ -132,6 +146,7 @@ def build_run(
             else None
         ),
         find_unused_parameters=strategy == "two_stage",
+        ema=ema,
     )
 
 
@@ -159,6 +174,7 @@ def fit_run(
         class_weights=parts.class_weights,
         class_names=parts.train_manifest.classes,
         system_metrics=cfg.tracking.system_metrics,
+        ema=parts.ema,
         **hooks,
     )
 
