@@ -156,8 +156,109 @@ def test_family_defaults_for_dropout_and_stochastic_depth():
     assert convnext[0] == 0.0 and math.isclose(convnext[-1], 0.3)  # linear in depth, the last block gets it
     assert set(depth_probs(meta_model("efficientnet_b0", stochastic_depth=0.0))) == {0.0}
     assert max(depth_probs(meta_model("efficientnet_b0"))) > 0.15  # torchvision's default 0.2
-    with pytest.raises(ValueError, match="no stochastic depth"):
-        meta_model("resnet18", stochastic_depth=0.1)
+    assert depth_probs(meta_model("resnet50")) == depth_probs(meta_model("cifar_resnet56")) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stochastic depth in the residual families torchvision builds without it (Huang et al. 2016)
+
+
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every block in depth order (MobileNetV2: all 17 inverted residuals, with and without a shortcut)."""
+    if model.family == "mobilenet_v2":
+        return list(model.features[1:-1])
+    stages = (
+        ("layer1", "layer2", "layer3", "layer4")
+        if model.family == "resnet"
+        else ("layer1", "layer2", "layer3")
+    )
+    return [block for stage in stages for block in getattr(model, stage)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "cifar_resnet20", "mobilenet_v2"])
+def test_stochastic_depth_grows_linearly_with_depth_and_keeps_the_state_dict(name):
+    model = meta_model(name, stochastic_depth=0.4)
+    blocks = residual_blocks(model)
+    expected = [
+        0.4 * depth / len(blocks) if getattr(block, "use_res_connect", True) else None
+        for depth, block in enumerate(blocks, start=1)
+    ]
+    assert [
+        getattr(block, "stochastic_depth", None) and block.stochastic_depth.p for block in blocks
+    ] == expected
+    modules = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert len(modules) == sum(p is not None for p in expected) and {m.mode for m in modules} == {"row"}
+    assert math.isclose(max(m.p for m in modules), 0.4 * (16 / 17 if name == "mobilenet_v2" else 1))
+
+    # null: the family default, no StochasticDepth module anywhere, and the same state_dict either way.
+    default = meta_model(name)
+    assert not any(isinstance(m, StochasticDepth) for m in default.modules())
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in default.state_dict().items()
+    }
+    if not name.startswith("cifar"):  # torchvision's own builder: same module tree, so its weights load
+        with torch.device("meta"):
+            reference = torchvision.models.get_model(name, num_classes=7)
+        assert repr(default) == repr(reference)
+        assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18", "mobilenet_v2"])
+def test_stochastic_depth_drops_whole_residual_branches_per_sample_in_training_only(name):
+    torch.manual_seed(0)
+    scaling = {"width_mult": 0.25} if name == "mobilenet_v2" else {}
+    model = build_model(name, num_classes=3, stochastic_depth=0.5, **scaling)
+    images = torch.randn(16, 3, 32, 32)
+    last = [block for block in residual_blocks(model) if hasattr(block, "stochastic_depth")][-1]
+    p = last.stochastic_depth.p
+    seen = {}
+    handles = [
+        last.register_forward_hook(lambda module, args, out: seen.update(block_in=args[0], block_out=out)),
+        last.stochastic_depth.register_forward_hook(
+            lambda module, args, out: seen.update(branch=args[0], dropped=out)
+        ),
+    ]
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(images)
+        for handle in handles:
+            handle.remove()
+        torch.manual_seed(2)
+        assert not torch.allclose(model(images), first)  # BatchNorm alone is deterministic: the drops differ
+
+        # Row mode: each sample's branch is either zeroed or kept and scaled by 1 / (1 - p).
+        kept = seen["dropped"].flatten(1).ne(0).any(dim=1)
+        assert 0 < int(kept.sum()) < len(images)
+        assert torch.allclose(seen["dropped"][kept], seen["branch"][kept] / (1 - p))
+        assert not seen["dropped"][~kept].any()
+        # ... and the block adds the shortcut (the identity here) to what is left.
+        activation = nn.Identity() if name == "mobilenet_v2" else nn.ReLU()
+        assert torch.allclose(seen["block_out"], activation(seen["block_in"] + seen["dropped"]))
+
+        # Eval: deterministic and exactly the model without stochastic depth, with the same weights.
+        model.eval()
+        out = model(images)
+        assert torch.equal(model(images), out)
+        plain = build_model(name, num_classes=3, **scaling)
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(plain.eval()(images), out)
+
+
+def test_nets_without_residual_branches_refuse_stochastic_depth():
+    from pipeline.config import ConfigError, DataConfig, ModelConfig, PretrainConfig
+    from pipeline.pretrain import validate_model
+
+    meta_model("cifar_resnet20", stochastic_depth=0.1)  # its residual twin takes it
+    for name in ("cifar_plain20", "cifar_baseline10"):
+        with pytest.raises(ValueError, match="stochastic_depth must be None.*no residual branches"):
+            meta_model(name, stochastic_depth=0.1)
+        cfg = PretrainConfig(
+            data=DataConfig(train_manifest="unused", val_manifest="unused"),
+            model=ModelConfig(name=name, stochastic_depth=0.0),
+        )
+        with pytest.raises(ConfigError, match="^model.stochastic_depth: .* no residual branches"):
+            validate_model(cfg)
 
 
 def test_bad_requests_fail_with_clear_messages():

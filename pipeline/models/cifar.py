@@ -10,6 +10,12 @@ Shortcuts where a block halves H, W and doubles C:
   no parameters, so the counts equal the paper's table (ResNet-20 0.27M ... ResNet-1202 19.4M).
 - ``"B"`` (the lecture's projection variant): a 1x1 conv with stride 2 (+ BatchNorm) before the sum.
 
+Stochastic depth (Huang et al. 2016, introduced on these CIFAR ResNets): with ``stochastic_depth=p_L`` > 0,
+block l of the L = 3n blocks drops its whole residual branch per sample with probability p_l = l / L * p_L
+in training (torchvision's ``StochasticDepth``, row mode: the kept branches are scaled by 1 / (1 - p_l)), so
+only the shortcut passes; in eval mode every block is whole. p_L = 0 (the default) adds no module at all.
+Plain nets have no branch to drop and refuse it.
+
 The depth-10 baseline is the previous lecture's plain design: 3 stages of 3 conv-BN-ReLU layers (32, 64, 128
 filters, 2x2 max-pooling between stages), global average pooling and a linear layer: 9 conv + 1 linear.
 """
@@ -21,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 Shortcut = Literal["A", "B"]
 
@@ -41,12 +48,24 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers; with ``residual`` the input (or its shortcut) is added before the last ReLU."""
+    """Two 3x3 conv-BN layers; with ``residual`` the input (or its shortcut) is added before the last ReLU.
+
+    ``stochastic_depth`` > 0 (residual blocks only) drops the two-conv branch per sample with that probability
+    in training; 0 leaves no StochasticDepth module.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, *, residual: bool, shortcut: Shortcut
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        *,
+        residual: bool,
+        shortcut: Shortcut,
+        stochastic_depth: float = 0.0,
     ):
         super().__init__()
+        assert residual or stochastic_depth == 0, "a plain block has no residual branch to drop"
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = _conv3x3(out_channels, out_channels)
@@ -62,10 +81,13 @@ class BasicBlock(nn.Module):
                     nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                     nn.BatchNorm2d(out_channels),
                 )
+        self.stochastic_depth = StochasticDepth(stochastic_depth, "row") if stochastic_depth > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.stochastic_depth is not None:
+            out = self.stochastic_depth(out)
         if self.residual:
             out = out + self.shortcut(x)
         return F.relu(out)
@@ -81,7 +103,10 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class CifarNet(nn.Module):
-    """Plain net or CIFAR ResNet of depth 6n + 2; ``layer1..layer3`` are the stages (feature nodes)."""
+    """Plain net or CIFAR ResNet of depth 6n + 2; ``layer1..layer3`` are the stages (feature nodes).
+
+    ``stochastic_depth`` is the last block's drop probability p_L (ResNets only; see the module docstring).
+    """
 
     def __init__(
         self,
@@ -91,6 +116,7 @@ class CifarNet(nn.Module):
         num_classes: int,
         dropout: float = 0.0,
         shortcut: Shortcut = "A",
+        stochastic_depth: float = 0.0,
         widths: tuple[int, int, int] = (16, 32, 64),
     ) -> None:
         super().__init__()
@@ -100,7 +126,15 @@ class CifarNet(nn.Module):
             raise ValueError(
                 f"shortcut must be 'A' (zero-padding identity) or 'B' (1x1 projection), got {shortcut!r}"
             )
+        if not residual and stochastic_depth != 0:
+            raise ValueError(
+                f"stochastic_depth must be 0 for a plain net (no residual branch to drop), "
+                f"got {stochastic_depth}"
+            )
+        if not 0.0 <= stochastic_depth < 1.0:
+            raise ValueError(f"stochastic_depth must be in [0, 1), got {stochastic_depth}")
         blocks_per_stage = (depth - 2) // 6
+        num_blocks = 3 * blocks_per_stage
         self.conv1 = _conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
@@ -109,7 +143,17 @@ class CifarNet(nn.Module):
             blocks = []
             for block_index in range(blocks_per_stage):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(BasicBlock(in_channels, width, stride, residual=residual, shortcut=shortcut))
+                depth_index = index * blocks_per_stage + block_index + 1  # l = 1 .. L over all stages
+                blocks.append(
+                    BasicBlock(
+                        in_channels,
+                        width,
+                        stride,
+                        residual=residual,
+                        shortcut=shortcut,
+                        stochastic_depth=stochastic_depth * depth_index / num_blocks,
+                    )
+                )
                 in_channels = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -165,8 +209,18 @@ def _build_baseline(*, num_classes: int, dropout: float) -> nn.Module:
 
 
 def _cifar_builder(depth: int, *, residual: bool):
-    def build(*, num_classes: int, dropout: float, shortcut: Shortcut = "A") -> nn.Module:
-        return CifarNet(depth, residual=residual, num_classes=num_classes, dropout=dropout, shortcut=shortcut)
+    # The registry passes stochastic_depth only to the ResNets (the plain nets' spec has None: no branches).
+    def build(
+        *, num_classes: int, dropout: float, stochastic_depth: float = 0.0, shortcut: Shortcut = "A"
+    ) -> nn.Module:
+        return CifarNet(
+            depth,
+            residual=residual,
+            num_classes=num_classes,
+            dropout=dropout,
+            shortcut=shortcut,
+            stochastic_depth=stochastic_depth,
+        )
 
     return build
 
@@ -204,6 +258,7 @@ for _depth in (20, 32, 44, 56, 110, 1202):
             default_dropout=0.0,
             published_num_classes=10,
             scaling={"shortcut": "A"},
+            stochastic_depth=0.0,
             description=f"CIFAR ResNet-{_depth} (He et al. 2015), 16/32/64 filters, option-A shortcuts",
         )
     )

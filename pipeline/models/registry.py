@@ -62,7 +62,7 @@ class ModelSpec:
     scaling: Mapping[str, Any] = field(default_factory=dict)
     """Accepted scaling keywords and their defaults (e.g. ``{"width_mult": 1.0}``)."""
     stochastic_depth: float | None = None
-    """Default stochastic-depth probability; None when the family has no stochastic depth."""
+    """Default final-block stochastic-depth probability (0: off); None for nets without residual branches."""
     describe: Callable[..., tuple[str, int]] | None = None
     """``describe(**scaling) -> (arch name, resolution)`` where scaling changes them (compound scaling)."""
     description: str = ""
@@ -130,9 +130,11 @@ def build_model(
 
     ``dropout`` is the probability of the Dropout layer placed directly before the final linear layer; None
     keeps the family's default (torchvision's 0.2-0.5 for MobileNetV2/EfficientNet, 0 elsewhere) and 0 means
-    no Dropout module at all. ``stochastic_depth`` is the final block's drop probability for EfficientNet and
-    ConvNeXt (None: torchvision's default); other families reject it. ``scaling`` holds the family's knobs
-    (``width_mult``, ``phi``/``alpha``/``beta``/``gamma``, ``shortcut``).
+    no Dropout module at all. ``stochastic_depth`` is the final block's probability of dropping its residual
+    branch, earlier blocks' growing linearly with depth, for the residual families: EfficientNet and ConvNeXt
+    (None: torchvision's default), the ResNets and MobileNetV2 (None: 0, no StochasticDepth module at all);
+    the plain nets reject it. ``scaling`` holds the family's knobs (``width_mult``,
+    ``phi``/``alpha``/``beta``/``gamma``, ``shortcut``).
     """
     spec = get_spec(name)
     if num_classes < 1:
@@ -142,7 +144,10 @@ def build_model(
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
     if stochastic_depth is not None:
         if spec.stochastic_depth is None:
-            raise ValueError(f"{name}: the {spec.family} family has no stochastic depth")
+            raise ValueError(
+                f"{name}: stochastic_depth must be None: the {spec.family} family has no residual branches "
+                "to drop (no stochastic depth)"
+            )
         if not 0.0 <= stochastic_depth < 1.0:
             raise ValueError(f"{name}: stochastic_depth must be in [0, 1), got {stochastic_depth}")
     else:

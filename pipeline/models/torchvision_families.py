@@ -6,7 +6,10 @@ What this module adds to torchvision's builders:
   ``avgpool``, after the pooling; ConvNeXt: a ``classifier.dropout`` entry between ``classifier.1`` and
   ``classifier.2``). ``dropout=0`` replaces MobileNetV2's/EfficientNet's Dropout with an Identity, so no
   Dropout module is left;
-- stochastic depth for EfficientNet and ConvNeXt (torchvision's ``stochastic_depth_prob``);
+- stochastic depth: EfficientNet and ConvNeXt have it in torchvision (``stochastic_depth_prob``); ResNet and
+  MobileNetV2 get it from block subclasses that pass the residual branch through torchvision's
+  ``StochasticDepth`` before the add (Huang et al. 2016). With ``stochastic_depth=0`` (their default) these
+  models come from torchvision's builders unchanged, so no StochasticDepth module exists;
 - EfficientNet compound scaling from (phi, alpha, beta, gamma) on B0.
 """
 
@@ -14,9 +17,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import StochasticDepth
 
 from pipeline.models.registry import ModelSpec, register
 
@@ -55,9 +62,80 @@ def _drop_classifier_dropout(model: nn.Module, dropout: float) -> nn.Module:
     return model
 
 
+# --------------------------------------------------------------------------------------------------------
+# Stochastic depth for the residual families torchvision builds without it (Huang et al. 2016): block l of L
+# drops its whole residual branch per sample with probability p_l = l / L * p_L in training (the survivors are
+# scaled by 1 / (1 - p_l)); in eval mode the block is torchvision's. StochasticDepth has no parameters or
+# buffers, so the state_dict keys stay torchvision's and ImageNet weights load unchanged.
+
+
+class _StochasticDepthBasicBlock(BasicBlock):
+    """torchvision's BasicBlock; the residual branch passes through ``self.stochastic_depth`` before the add."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stochastic_depth = StochasticDepth(0.0, "row")  # p: _decay_linearly, once the depth is known
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(self.stochastic_depth(out) + identity)
+
+
+class _StochasticDepthBottleneck(Bottleneck):
+    """torchvision's Bottleneck; the residual branch passes through ``self.stochastic_depth`` before the add."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stochastic_depth = StochasticDepth(0.0, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+        return self.relu(self.stochastic_depth(out) + identity)
+
+
+class _StochasticDepthInvertedResidual(InvertedResidual):
+    """torchvision's InvertedResidual; where it has a shortcut (stride 1, same channels) the branch passes
+    through ``self.stochastic_depth`` before the add. Blocks without a shortcut have no branch to drop."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.use_res_connect:
+            self.stochastic_depth = StochasticDepth(0.0, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_res_connect:
+            return x + self.stochastic_depth(self.conv(x))
+        return self.conv(x)
+
+
+# torchvision's resnet18/34/50 builders take no block class, so with stochastic depth ResNet is built from
+# their (block, blocks per stage) directly; a test checks that the state_dict equals the builder's.
+RESNET_LAYOUTS = {
+    "resnet18": (_StochasticDepthBasicBlock, [2, 2, 2, 2]),
+    "resnet34": (_StochasticDepthBasicBlock, [3, 4, 6, 3]),
+    "resnet50": (_StochasticDepthBottleneck, [3, 4, 6, 3]),
+}
+
+
+def _decay_linearly(blocks: list[nn.Module], final_probability: float) -> None:
+    """Block l of L (1-based, in depth order) drops with l / L * final_probability (Huang et al.'s rule)."""
+    for depth, block in enumerate(blocks, start=1):
+        if hasattr(block, "stochastic_depth"):
+            block.stochastic_depth.p = final_probability * depth / len(blocks)
+
+
 def _build_resnet(arch: str):
-    def build(*, num_classes: int, dropout: float) -> nn.Module:
-        model = getattr(tvm, arch)(num_classes=num_classes)
+    def build(*, num_classes: int, dropout: float, stochastic_depth: float) -> nn.Module:
+        if stochastic_depth > 0:
+            block, layers = RESNET_LAYOUTS[arch]
+            model = ResNet(block, layers, num_classes=num_classes)
+            stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+            _decay_linearly([block for stage in stages for block in stage], stochastic_depth)
+        else:
+            model = getattr(tvm, arch)(num_classes=num_classes)
         if dropout > 0:
             # (N, C, 1, 1) after pooling: element-wise dropout here equals dropout on fc's input.
             model.avgpool = nn.Sequential(OrderedDict(pool=model.avgpool, dropout=nn.Dropout(dropout)))
@@ -66,10 +144,19 @@ def _build_resnet(arch: str):
     return build
 
 
-def _build_mobilenet_v2(*, num_classes: int, dropout: float, width_mult: float) -> nn.Module:
+def _build_mobilenet_v2(
+    *, num_classes: int, dropout: float, stochastic_depth: float, width_mult: float
+) -> nn.Module:
     if width_mult <= 0:
         raise ValueError(f"mobilenet_v2: width_mult must be > 0, got {width_mult}")
-    model = tvm.mobilenet_v2(num_classes=num_classes, dropout=dropout, width_mult=width_mult)
+    block = {"block": _StochasticDepthInvertedResidual} if stochastic_depth > 0 else {}
+    model = tvm.mobilenet_v2(num_classes=num_classes, dropout=dropout, width_mult=width_mult, **block)
+    if stochastic_depth > 0:
+        # Depth counts all 17 inverted-residual blocks (features[0] is the stem conv, features[-1] the 1x1
+        # head conv), as torchvision's EfficientNet counts its MBConv blocks; the 7 without a shortcut (the
+        # first of each stage, the last block among them) drop nothing, so the largest p applied is 16/17 p_L
+        # (features.16).
+        _decay_linearly(list(model.features[1:-1]), stochastic_depth)
     return _drop_classifier_dropout(model, dropout)
 
 
@@ -175,6 +262,7 @@ for _arch, _description in (
             resolution=224,
             builder=_build_resnet(_arch),
             default_dropout=0.0,
+            stochastic_depth=0.0,
             description=_description,
         )
     )
@@ -186,6 +274,7 @@ register(
         resolution=224,
         builder=_build_mobilenet_v2,
         default_dropout=0.2,
+        stochastic_depth=0.0,
         scaling={"width_mult": 1.0},
         description="MobileNetV2: inverted residuals with depth-wise convs; width_mult scales channels",
     )
