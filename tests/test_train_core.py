@@ -3,6 +3,7 @@ early stopping (incl. cross-rank agreement in a real 2-process gloo group), bitw
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import ConfigError, EarlyStoppingConfig, OptimConfig, load_config
+from pipeline.models import build_model, get_classifier
 from pipeline.stack import free_port
 from pipeline.train import (
     EarlyStopping,
@@ -233,6 +235,150 @@ def test_scheduler_rejects_warmup_longer_than_training():
     optimizer = build_optimizer(tiny_model(), OptimConfig(warmup_epochs=3), global_batch_size=256)
     with pytest.raises(ValueError, match="warmup_epochs"):
         build_scheduler(optimizer, OptimConfig(warmup_epochs=3), steps_per_epoch=4, epochs=3)
+
+
+# Every schedule x unit x warm-up method against its closed form in epochs e (fractional for unit=step):
+# warm-up (e < W) at f, or ramping f + (1 - f) e / W; then with k = e - W epochs after warm-up: cosine
+# (1 + cos(pi k / (E - W))) / 2, step gamma^floor(k / step_size), multistep gamma^(milestones <= e) counted
+# from the start, exponential gamma^k, constant 1.
+CURVE_STEPS_PER_EPOCH, CURVE_EPOCHS = 4, 8
+CURVE_CFG = {
+    "lr": 0.1,
+    "warmup_epochs": 2,
+    "warmup_factor": 0.1,
+    "step_size": 2,
+    "step_gamma": 0.5,
+    "exponential_gamma": 0.8,
+}
+
+
+def closed_form_factor(cfg: OptimConfig, epoch: float, epochs: int) -> float:
+    warm = cfg.warmup_epochs
+    if epoch < warm and cfg.warmup_method == "constant":
+        return cfg.warmup_factor
+    if epoch < warm:
+        return cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / warm
+    after = epoch - warm
+    return {
+        "cosine": (1 + math.cos(math.pi * after / (epochs - warm))) / 2,
+        "step": cfg.step_gamma ** math.floor(after / cfg.step_size),
+        "multistep": cfg.step_gamma ** sum(m <= epoch for m in cfg.step_milestones),
+        "exponential": cfg.exponential_gamma**after,
+        "constant": 1.0,
+    }[cfg.schedule]
+
+
+@pytest.mark.parametrize("warmup_method", ["linear", "constant"])
+@pytest.mark.parametrize("unit", ["step", "epoch"])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "multistep", "exponential", "constant"])
+def test_schedule_follows_its_closed_form(schedule, unit, warmup_method):
+    milestones = [3, 6] if schedule == "multistep" else [30, 60, 80]
+    cfg = OptimConfig(
+        **CURVE_CFG,
+        schedule=schedule,
+        schedule_unit=unit,
+        warmup_method=warmup_method,
+        step_milestones=milestones,
+    )
+    steps_per_epoch, epochs = CURVE_STEPS_PER_EPOCH, CURVE_EPOCHS
+    lrs = lrs_over(cfg, global_batch_size=256, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    for step, lr in enumerate(lrs):
+        epoch = step / steps_per_epoch if unit == "step" else step // steps_per_epoch
+        assert lr == pytest.approx(0.1 * closed_form_factor(cfg, epoch, epochs), abs=1e-12), step
+    if unit == "epoch":  # torchvision's per-epoch stepping: one lr per epoch
+        assert all(len(set(lrs[e * steps_per_epoch : (e + 1) * steps_per_epoch])) == 1 for e in range(epochs))
+
+
+def test_step_decays_every_step_size_after_warm_up_multistep_at_epochs_from_the_start():
+    def per_epoch(**kwargs) -> list[float]:
+        cfg = OptimConfig(lr=0.1, warmup_epochs=1, step_gamma=0.5, schedule_unit="epoch", **kwargs)
+        return lrs_over(cfg, global_batch_size=256, steps_per_epoch=2, epochs=7)[:-1:2]
+
+    step = per_epoch(schedule="step", step_size=2)
+    multistep = per_epoch(schedule="multistep", step_milestones=[2, 4, 6])
+    assert step == pytest.approx([0.001, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025])  # x0.5 at epochs 3, 5
+    assert multistep == pytest.approx([0.001, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125])  # at 2, 4, 6
+    assert per_epoch(schedule="multistep", step_milestones=[3, 5]) == step
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OptimConfig(warmup_epochs=2, warmup_method="constant", schedule="cosine", schedule_unit="step"),
+        OptimConfig(warmup_epochs=2, schedule="exponential", exponential_gamma=0.5, schedule_unit="epoch"),
+    ],
+    ids=lambda c: c.schedule_unit,
+)
+def test_resumed_scheduler_continues_identically(cfg):
+    """Resume after epoch 1 of a 2-epoch warm-up: the restored state must also cross into the schedule."""
+    steps_per_epoch, epochs, resume_at = 3, 5, 3
+
+    def run(optimizer, scheduler, steps: int) -> list[float]:
+        lrs = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+        return lrs
+
+    def build(seed: int):
+        optimizer = build_optimizer(tiny_model(seed), cfg, global_batch_size=256)
+        return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
+
+    reference = run(*build(0), steps_per_epoch * epochs)
+    optimizer, scheduler = build(0)
+    run(optimizer, scheduler, resume_at)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # as load_checkpoint reads it
+    optimizer, scheduler = build(1)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    assert run(optimizer, scheduler, len(reference) - resume_at) == reference[resume_at:]
+    per_epoch = [
+        set(reference[e * steps_per_epoch - 1 : (e + 1) * steps_per_epoch - 1]) for e in range(1, epochs)
+    ]
+    assert all(len(lrs) == 1 for lrs in per_epoch) == (cfg.schedule_unit == "epoch")
+
+
+# Layer-wise lr decay: L blocks below the head by pipeline.models.layers' rule, and the parameters the stem
+# (depth 0) must hold.
+LAYER_DECAY_MODELS = {
+    "resnet18": (9, "conv1.weight"),
+    "convnext_tiny": (23, "features.0.0.weight"),
+    "efficientnet_b0": (18, "features.0.0.weight"),
+    "mobilenet_v2": (19, "features.0.0.weight"),
+    "cifar_resnet20": (10, "conv1.weight"),
+    "cifar_baseline10": (3, "layer1.3.weight"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_DECAY_MODELS))
+def test_layer_decay_scales_each_block_by_its_depth(name):
+    num_layers, stem_weight = LAYER_DECAY_MODELS[name]
+    with torch.device("meta"):  # shapes only: building convnext_tiny costs milliseconds
+        model = build_model(name, num_classes=7)
+    cfg = OptimConfig(lr=0.1, layer_decay=0.8, weight_decay=0.05)
+    optimizer = build_optimizer(model, cfg, global_batch_size=256, backbone_lr_factor=0.5)
+    groups = optimizer.param_groups
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    head = get_classifier(model)
+    assert [(g["name"], g["lr"]) for g in groups[:2]] == [("head", 0.1), ("head_no_decay", 0.1)]
+    assert groups[0]["params"] == [head.weight] and groups[1]["params"] == [head.bias]
+
+    lr_by_depth: dict[int, float] = {}
+    for group in groups[2:]:
+        depth = int(group["name"].removeprefix("depth").removesuffix("_no_decay"))
+        # The backbone factor and the decay multiply: head 0.1, depth d at 0.1 * 0.5 * 0.8^(L - d).
+        assert group["lr"] == pytest.approx(0.05 * 0.8 ** (num_layers - depth), rel=1e-12), group["name"]
+        assert lr_by_depth.setdefault(depth, group["lr"]) == group["lr"]  # decay and no-decay agree
+        assert group["weight_decay"] == (0.0 if group["name"].endswith("_no_decay") else 0.05)
+    assert sorted(lr_by_depth) == list(range(num_layers))  # every block from stem 0 to L - 1 has a group
+    lrs = [lr_by_depth[d] for d in sorted(lr_by_depth, reverse=True)]
+    assert all(lower < higher for higher, lower in zip(lrs, lrs[1:], strict=False))  # head -> stem
+    stem = dict(model.named_parameters())[stem_weight]
+    assert any(p is stem for g in groups if g["name"] == "depth0" for p in g["params"])
 
 
 # ------------------------------------------------------------------------------------------------------

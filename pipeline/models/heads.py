@@ -7,15 +7,21 @@ included. A frozen backbone has ``requires_grad=False``; its BatchNorm layers mu
 their running statistics keep moving although no weight changes. ``model.train()`` switches them back to
 train mode, so the training loop calls :func:`set_train_mode` instead (it is ``model.train()`` plus that fix,
 and does nothing more when nothing is frozen).
+
+:func:`param_groups` splits the trainable parameters into optimizer groups: head/backbone x decay/no-decay,
+and with ``layer_decay`` < 1 the backbone further by block depth (the rule is in :mod:`pipeline.models.layers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from pipeline.models.layers import layer_depths
 
 # Parameters of these modules get no weight decay (with every bias): shrinking a norm's scale towards 0 only
 # rescales the activations it normalizes, it does not regularize.
@@ -95,41 +101,69 @@ class ParameterSplit:
     backbone_no_decay: list[nn.Parameter]
 
 
-def split_parameters(model: nn.Module) -> ParameterSplit:
-    """Trainable (``requires_grad``) parameters split into head/backbone x decay/no-decay."""
+def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, bool, bool]]:
+    """``(qualified name, parameter, in_head, decayed)`` for every trainable parameter, in module order."""
     head = _head_parameter_names(model)
-    split = ParameterSplit(head_decay=[], head_no_decay=[], backbone_decay=[], backbone_no_decay=[])
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
-            if not parameter.requires_grad:
-                continue
-            in_head = (f"{module_name}.{name}" if module_name else name) in head
-            decay = not (name == "bias" or isinstance(module, NORM_TYPES))
-            if in_head:
-                (split.head_decay if decay else split.head_no_decay).append(parameter)
-            else:
-                (split.backbone_decay if decay else split.backbone_no_decay).append(parameter)
+            if parameter.requires_grad:
+                qualified = f"{module_name}.{name}" if module_name else name
+                yield (
+                    qualified,
+                    parameter,
+                    qualified in head,
+                    not (name == "bias" or isinstance(module, NORM_TYPES)),
+                )
+
+
+def split_parameters(model: nn.Module) -> ParameterSplit:
+    """Trainable (``requires_grad``) parameters split into head/backbone x decay/no-decay."""
+    split = ParameterSplit(head_decay=[], head_no_decay=[], backbone_decay=[], backbone_no_decay=[])
+    for _, parameter, in_head, decay in _trainable(model):
+        if in_head:
+            (split.head_decay if decay else split.head_no_decay).append(parameter)
+        else:
+            (split.backbone_decay if decay else split.backbone_no_decay).append(parameter)
     return split
 
 
 def param_groups(
-    model: nn.Module, *, lr_head: float, lr_backbone: float, weight_decay: float
+    model: nn.Module,
+    *,
+    lr_head: float,
+    lr_backbone: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups: head and backbone learning rates, no weight decay on biases and norms.
 
     Frozen parameters are left out, empty groups dropped; each group carries a ``name`` for logging, e.g.
-    ``torch.optim.AdamW(param_groups(model, lr_head=1e-3, lr_backbone=1e-4, weight_decay=0.05))``.
+    ``torch.optim.AdamW(param_groups(model, lr_head=1e-3, lr_backbone=1e-4, weight_decay=0.05))`` gives
+    ``head``, ``head_no_decay``, ``backbone``, ``backbone_no_decay``. With ``layer_decay`` < 1 the backbone
+    groups are per block instead, ``depth<d>`` and ``depth<d>_no_decay`` with lr ``lr_backbone *
+    layer_decay**(L - d)`` for block depth d of L (:func:`pipeline.models.layers.layer_depths`), so a
+    backbone factor and the layer decay multiply. Groups run from the head down to the stem.
     """
-    split = split_parameters(model)
-    groups = [
-        {"name": "head", "params": split.head_decay, "lr": lr_head, "weight_decay": weight_decay},
-        {"name": "head_no_decay", "params": split.head_no_decay, "lr": lr_head, "weight_decay": 0.0},
-        {"name": "backbone", "params": split.backbone_decay, "lr": lr_backbone, "weight_decay": weight_decay},
-        {
-            "name": "backbone_no_decay",
-            "params": split.backbone_no_decay,
-            "lr": lr_backbone,
-            "weight_decay": 0.0,
-        },
-    ]
-    return [group for group in groups if group["params"]]
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    depths = layer_depths(model, head=classifier_name(model)) if layer_decay < 1.0 else None
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}  # (blocks below the head, no_decay) -> group
+    for name, parameter, in_head, decay in _trainable(model):
+        if in_head:
+            label, distance, lr = "head", 0, lr_head
+        elif depths is None:
+            label, distance, lr = "backbone", 1, lr_backbone
+        else:
+            distance = depths.num_layers - depths.depth[name]
+            label, lr = f"depth{depths.depth[name]}", lr_backbone * layer_decay**distance
+        group = groups.setdefault(
+            (distance, not decay),
+            {
+                "name": label if decay else f"{label}_no_decay",
+                "params": [],
+                "lr": lr,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
