@@ -39,6 +39,7 @@ PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 FINETUNE = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
 TUNE = sorted((REPO / "configs" / "tune").glob("*.yaml"))
 SMOKE_EPOCHS = 2
+SMOKE_RESOLUTION = 32
 """Two, not one: a warm-up epoch and a scheduled one, both fine-tuning stages, and a replica check after an
 epoch that is not the last."""
 SEARCH_SMOKE_EPOCHS = 1
@@ -50,12 +51,16 @@ ALLOWED = (
     "data.train_manifest",
     "data.val_manifest",
     "data.resolution",
+    "data.eval_resize",
+    "data.eval_crop",
     "data.batch_size_per_worker",
     "data.loader_workers",
     "data.shuffle_buffer",
     "train.epochs",
     "optim.warmup_epochs",
     "optim.step_milestones",
+    "optim.step_size",
+    "train.ema.every_steps",
     "finetune.head_epochs",
     "scaling.num_workers",
     "scaling.use_gpu",
@@ -81,6 +86,10 @@ def _compress_schedule(tree: dict, epochs: int) -> dict[str, object]:
         changes["optim.step_milestones"] = sorted(
             {min(epochs, max(warmup + 1, round(m * scale))) for m in milestones}
         )
+    if optim.get("schedule") == "step":  # a decay inside the run, after the warm-up epoch
+        changes["optim.step_size"] = max(1, min(epochs - 1, round(optim.get("step_size", 30) * scale)))
+    if train.get("ema", {}).get("enabled"):
+        changes["train.ema.every_steps"] = 1  # a few steps per epoch: the average must move to be tested
     if "finetune" in tree and tree["finetune"].get("strategy") == "two_stage":
         changes["finetune.head_epochs"] = 1
     return changes
@@ -91,10 +100,17 @@ def smoke_overrides(
 ) -> dict:
     """The one shrinking rule: dotted key -> value for a PretrainConfig/FinetuneConfig-shaped ``tree``."""
     data = tree.get("data", {})
+    # FixRes sizes keep their ratio to the training crop.
+    fixres = {
+        f"data.{key}": round(data[key] * SMOKE_RESOLUTION / data.get("resolution", 64))
+        for key in ("eval_resize", "eval_crop")
+        if data.get(key) is not None
+    }
     return {
         "data.train_manifest": manifests["train"],
         "data.val_manifest": manifests["val"],
-        "data.resolution": 32,
+        "data.resolution": SMOKE_RESOLUTION,
+        **fixres,
         "data.batch_size_per_worker": 8,
         "data.loader_workers": 0,
         "data.shuffle_buffer": min(64, data.get("shuffle_buffer", 2000)),
@@ -445,3 +461,160 @@ def test_a_resolution_too_small_for_the_architecture_is_a_config_error(tiny_data
     assert code == 2
     assert "pretrain: config error: data.resolution: 8 px is too small for convnext_tiny" in err, err[-1500:]
     assert not (tmp_path / "mlflow.db").exists(), "refused before an MLflow run was opened"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The ImageNet recipes against the published hyperparameters behind torchvision's weights (and the
+# papers' where torchvision publishes no recipe). Source of each row: the recipe file's header. "lr" is the
+# published peak lr at the published global batch ("batch"); a recipe may run another global batch as long
+# as its lr follows the linear scaling rule from that point.
+
+PUBLISHED: dict[str, dict[str, object]] = {
+    # torchvision references/classification, train.py defaults (ResNet*_Weights.IMAGENET1K_V1)
+    "resnet18_imagenet": {
+        "model.name": "resnet18",
+        "batch": 256,
+        "lr": 0.1,
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.schedule": "step",
+        "optim.step_size": 30,
+        "optim.step_gamma": 0.1,
+        "optim.schedule_unit": "epoch",
+        "optim.warmup_epochs": 0,
+        "train.epochs": 90,
+        "data.resolution": 224,
+        "data.eval_resize": 256,
+        "data.eval_crop": 224,
+        "data.min_crop_scale": 0.08,
+        "data.augment": "basic",
+        "optim.label_smoothing": 0.0,
+        "train.ema.enabled": False,
+    },
+    "resnet34_imagenet": {
+        "model.name": "resnet34",
+        "batch": 256,
+        "lr": 0.1,
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.schedule": "step",
+        "optim.step_size": 30,
+        "optim.step_gamma": 0.1,
+        "optim.schedule_unit": "epoch",
+        "optim.warmup_epochs": 0,
+        "train.epochs": 90,
+        "data.resolution": 224,
+        "data.eval_resize": 256,
+        "data.eval_crop": 224,
+        "data.min_crop_scale": 0.08,
+        "data.augment": "basic",
+        "optim.label_smoothing": 0.0,
+        "train.ema.enabled": False,
+    },
+    # torchvision's "How to train state-of-the-art models" (ResNet50_Weights.IMAGENET1K_V2, 80.86%)
+    "resnet50_imagenet": {
+        "model.name": "resnet50",
+        "batch": 1024,
+        "lr": 0.5,
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 2e-5,
+        "optim.schedule": "cosine",
+        "optim.schedule_unit": "epoch",
+        "optim.warmup_epochs": 5,
+        "optim.warmup_method": "linear",
+        "optim.warmup_factor": 0.01,
+        "train.epochs": 600,
+        "data.augment": "trivialaugment",
+        "data.random_erasing": 0.1,
+        "optim.label_smoothing": 0.1,
+        "train.mixup_alpha": 0.2,
+        "train.cutmix_alpha": 1.0,
+        "data.resolution": 176,
+        "data.eval_resize": 232,
+        "data.eval_crop": 224,
+        "data.repeated_augment": 4,
+        "train.ema.enabled": True,
+        "train.ema.decay": 0.99998,
+        "train.ema.every_steps": 32,
+    },
+    # torchvision's ConvNeXt recipe (ConvNeXt_Tiny_Weights.IMAGENET1K_V1, 82.52%): ResNet-50 V2's with AdamW
+    "convnext_tiny_imagenet": {
+        "model.name": "convnext_tiny",
+        "batch": 1024,
+        "lr": 1e-3,
+        "optim.name": "adamw",
+        "optim.weight_decay": 0.05,
+        "optim.schedule": "cosine",
+        "optim.schedule_unit": "epoch",
+        "optim.warmup_epochs": 5,
+        "optim.warmup_method": "linear",
+        "optim.warmup_factor": 0.01,
+        "train.epochs": 600,
+        "data.augment": "trivialaugment",
+        "data.random_erasing": 0.1,
+        "optim.label_smoothing": 0.1,
+        "train.mixup_alpha": 0.2,
+        "train.cutmix_alpha": 1.0,
+        "data.resolution": 176,
+        "data.eval_resize": 232,
+        "data.eval_crop": 224,
+        "data.repeated_augment": 4,
+        "train.ema.enabled": True,
+        "train.ema.decay": 0.99998,
+        "train.ema.every_steps": 32,
+        "model.stochastic_depth": 0.1,
+    },
+    # torchvision's MobileNetV2 recipe = Sandler et al.'s hyperparameters with SGD (71.88%)
+    "mobilenet_v2_imagenet": {
+        "model.name": "mobilenet_v2",
+        "batch": 256,
+        "lr": 0.045,
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 4e-5,
+        "optim.schedule": "exponential",
+        "optim.exponential_gamma": 0.98,
+        "optim.schedule_unit": "epoch",
+        "optim.warmup_epochs": 0,
+        "train.epochs": 300,
+        "data.resolution": 224,
+        "data.eval_resize": 256,
+        "data.eval_crop": 224,
+        "model.dropout": 0.2,
+    },
+    # Tan & Le (torchvision ports the B0 weights; no SGD/AdamW recipe is published): what carries over
+    "efficientnet_b0_imagenet": {
+        "model.name": "efficientnet_b0",
+        "train.epochs": 350,
+        "optim.warmup_epochs": 5,
+        "optim.label_smoothing": 0.1,
+        "data.augment": "autoaugment",
+        "model.dropout": 0.2,
+        "model.stochastic_depth": 0.2,
+        "data.resolution": 224,
+        "train.ema.enabled": True,
+    },
+}
+
+
+@pytest.mark.parametrize("stem", sorted(PUBLISHED))
+def test_imagenet_recipe_holds_the_published_hyperparameters(stem):
+    expected = dict(PUBLISHED[stem])
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"{stem}.yaml")
+    flat = _flatten(to_dict(cfg))
+    batch, lr = expected.pop("batch", None), expected.pop("lr", None)
+    mismatched = {key: (flat[key], value) for key, value in expected.items() if flat[key] != value}
+    assert not mismatched, f"{stem}: (recipe, published) {mismatched}"
+    if batch is not None:
+        shipped_batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers * cfg.train.accumulate_steps
+        shipped_lr = cfg.optim.lr * shipped_batch / cfg.optim.reference_batch_size
+        assert shipped_lr == pytest.approx(lr * shipped_batch / batch), "lr off the linear scaling rule"
+        assert shipped_batch == batch, f"{stem}: the published global batch is {batch}"
+
+
+def test_every_imagenet_recipe_is_in_the_published_table():
+    shipped = {p.stem for p in PRETRAIN if p.stem.endswith("_imagenet")}
+    assert shipped == set(PUBLISHED), sorted(shipped ^ set(PUBLISHED))

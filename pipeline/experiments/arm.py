@@ -141,6 +141,8 @@ def summarize(trained: Trained, cfg: PretrainConfig) -> dict[str, float]:
             "best_epoch": float(best["epoch"]),
             "stopped_early": float(trained.result.stopped_early),
             "restored_gain": sign * (best[watched] - last[watched]),
+            # Top-1 of the weights fit restores and exports: the EMA's when train.ema.select is ema.
+            "restored/top1": float(best["val_ema/top1" if cfg.train.ema.select == "ema" else "val/top1"]),
             "model/mmacs": count_macs(model, resolution=cfg.data.resolution) / 1e6,
             "model/params_m": count_parameters(model) / 1e6,
             "seconds": trained.seconds,

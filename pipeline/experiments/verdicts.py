@@ -195,3 +195,35 @@ def imbalance(results: Results) -> Verdict:
         + "; ".join(relation(c, arm, "none") for arm, c in balances.items())
     )
     return verdict(outcome, details, seeds=results.seeds)
+
+
+TECHNIQUES = (
+    "mixup",
+    "cutmix",
+    "trivialaugment",
+    "randaugment",
+    "autoaugment",
+    "augmix",
+    "random_erasing",
+    "label_smoothing",
+    "ema",
+    "repeated_augment",
+    "stochastic_depth",
+)
+
+
+@register("techniques", arms=("baseline", *TECHNIQUES, "train24", "fixres"))
+def techniques(results: Results) -> Verdict:
+    """Each technique of torchvision's recipes, added alone, raises the restored model's val top-1 over the
+    recipe without it (FixRes: evaluating at 32 px over evaluating at the 24 px training crop)."""
+    accuracy = "restored/top1"
+    comparisons = {arm: (results.compare(arm, "baseline", accuracy), "baseline") for arm in TECHNIQUES}
+    comparisons["fixres"] = (results.compare("fixres", "train24", accuracy), "train24")
+    outcome = _combine(
+        [c.direction == 1 for c, _ in comparisons.values()],
+        [c.direction == -1 for c, _ in comparisons.values()],
+    )
+    details = "restored val top-1: " + "; ".join(
+        relation(c, arm, reference) for arm, (c, reference) in comparisons.items()
+    )
+    return verdict(outcome, details, seeds=results.seeds)
