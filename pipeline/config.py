@@ -596,7 +596,10 @@ class TrainConfig:
     channels_last: bool = False
     """NHWC memory format: faster convolutions on tensor-core GPUs; usually slower on CPU."""
     compile: bool = False
-    """torch.compile the model (minutes of compilation; pays off on long GPU runs)."""
+    """torch.compile the model (minutes of compilation; pays off on long GPU runs). The DDP-wrapped model is
+    compiled, as PyTorch documents for DDP: Dynamo's DDPOptimizer then splits the graph at DDP's gradient
+    buckets, so all-reduces still overlap the backward pass (a model compiled inside DDP is one graph whose
+    gradients are all ready at once)."""
     sanity_val_batches: int = 2
     """Validation batches run before the first epoch, so a broken evaluation fails in seconds."""
     progress_interval_s: float = 30.0
