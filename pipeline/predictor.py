@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.data.transforms import ImageDecodeError, decode_any, eval_transform, normalize
+from pipeline.data.transforms import (
+    EvalSizes,
+    ImageDecodeError,
+    decode_any,
+    eval_sizes,
+    eval_transform,
+    normalize,
+)
 
 DEFAULT_TOP_K = 5
 
@@ -34,18 +41,18 @@ class Preprocessing:
     @classmethod
     def of(cls, model_config: dict[str, Any]) -> Preprocessing:
         """From ``model_config["preprocessing"]``; exports made before it was recorded use the default
-        evaluation sizes of their ``resolution``."""
-        from pipeline.data.transforms import eval_sizes
+        evaluation sizes of their ``resolution`` (they predate separate evaluation sizes)."""
+        from pipeline.config import DataConfig
 
         spec = model_config.get("preprocessing")
         if spec:
             return cls(int(spec["resize_short_side"]), int(spec["center_crop"]))
-        resize, crop = eval_sizes(int(model_config["resolution"]))
-        return cls(resize, crop)
+        sizes = eval_sizes(DataConfig(resolution=int(model_config["resolution"])))
+        return cls(sizes.resize, sizes.crop)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Encoded bytes -> uint8 (3, crop, crop); :class:`ImageDecodeError` for unreadable bytes."""
-        return eval_transform(self.crop, resize=self.resize)(decode_any(data))
+        return eval_transform(EvalSizes(resize=self.resize, crop=self.crop))(decode_any(data))
 
 
 class Predictor:

@@ -51,11 +51,11 @@ def export_payload(state: dict[str, Any], cfg: PretrainConfig, validated: Valida
         classes=validated.train_manifest.classes,
         resolution=cfg.data.resolution,
     )
-    resize, crop = eval_sizes(cfg.data.resolution)
+    sizes = eval_sizes(cfg.data)  # validation's sizes (FixRes: may differ from the training crop)
     model_config["preprocessing"] = {
         "decode": "RGB uint8",
-        "resize_short_side": resize,
-        "center_crop": crop,
+        "resize_short_side": sizes.resize,
+        "center_crop": sizes.crop,
         "scale": "1/255",
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),

@@ -1,5 +1,6 @@
 """Streaming loader: equal batch counts on uneven shards, exact evaluation coverage, per-epoch shard order,
-oversampling, S3 with spawned workers, and a real 2-process gloo DDP run that must not hang."""
+oversampling, repeated augmentation, S3 with spawned workers, and a real 2-process gloo DDP run that must not
+hang."""
 
 from __future__ import annotations
 
@@ -115,6 +116,50 @@ def test_oversampling_balances_class_frequencies(tmp_path):
     shares = [freq[c] / total for c in range(4)]
     assert max(abs(s - 0.25) for s in shares) < 0.03, shares
     assert plain[0] / sum(plain.values()) > 0.6, "without oversampling the majority class dominates"
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """48 samples in 6 shards of 8, each sample its own label, so a label names the sample."""
+    return write_sized_shards(tmp_path_factory.mktemp("numbered"), [8] * 6, num_classes=48, labels="unique")
+
+
+def _epoch_copies(
+    manifest, cfg, *, world_size: int, epoch: int
+) -> dict[int, list[tuple[int, int, torch.Tensor]]]:
+    """{sample id: [(rank, batch index, image), ...]} of one training epoch over all ranks."""
+    copies = collections.defaultdict(list)
+    for rank in range(world_size):
+        loader = build_loader(manifest, cfg, train=True, rank=rank, world_size=world_size)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == loader.num_batches == manifest.num_samples // (world_size * 6)
+        for step, (images, labels) in enumerate(batches):
+            for image, sample in zip(images, labels.tolist(), strict=True):
+                copies[sample].append((rank, step, image))
+    return copies
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_repeated_augmentation_spreads_k_differently_augmented_copies_over_the_ranks(numbered, k):
+    world_size = 2  # k=3: more copies than ranks, so one rank holds two of them
+    cfg = _cfg(batch_size_per_worker=6, repeated_augment=k)
+    assert len(build_loader(numbered, cfg, train=True)) == len(
+        build_loader(numbered, _cfg(batch_size_per_worker=6), train=True)
+    ), "the epoch keeps its length"
+    seen = []
+    for epoch in range(2):
+        copies = _epoch_copies(numbered, cfg, world_size=world_size, epoch=epoch)
+        assert {len(c) for c in copies.values()} == {k}, "every sample of the epoch comes k times"
+        assert len(copies) == 48 // k, "so the epoch covers 1/k of the distinct samples"
+        assert all({rank for rank, _, _ in c} == {0, 1} for c in copies.values()), "copies on both ranks"
+        assert all(len({step for _, step, _ in c}) == 1 for c in copies.values()), "in the same step"
+        different = sum(not torch.equal(c[0][2], c[1][2]) for c in copies.values())
+        assert different >= 0.9 * len(copies), "each copy is augmented on its own"
+        seen.append(set(copies))
+    assert len(seen[0] & seen[1]) <= len(seen[0]) // 4, "the next epoch takes other samples"
+    if k == 2:
+        assert len(seen[0] | seen[1]) >= 0.85 * 48, "k epochs sweep (almost) the whole data set"
 
 
 def test_fewer_samples_than_a_global_batch_is_a_clear_error(tmp_path):

@@ -123,3 +123,58 @@ def test_exponential_schedule_multiplies_the_lr_by_gamma_at_each_epoch_after_war
         per_epoch = [lrs[e * 4 : (e + 1) * 4] for e in range(4)]
         for epoch in range(warm, 4):
             assert per_epoch[epoch] == pytest.approx([0.1 * 0.5 ** (epoch - warm)] * 4), (warm, per_epoch)
+
+
+# FixRes (Touvron et al.): evaluation at its own resize and centre crop, training at data.resolution.
+FIXRES = dict(resolution=16, eval_crop=24, eval_resize=28, batch_size_per_worker=4, loader_workers=0)
+
+
+def _first_val_sample(manifest) -> tuple[bytes, torch.Tensor]:
+    """The val split's first sample: its JPEG bytes, and its image as the validation loader gives it."""
+    from pipeline.data.loader import build_loader, read_samples
+
+    images, _ = next(iter(build_loader(manifest, DataConfig(**FIXRES), train=False)))
+    assert images.shape == (4, 3, 24, 24), "validation batches have the eval crop"
+    return next(read_samples(manifest.shard_urls()[:1]))["jpg"], images[0]
+
+
+def test_fixres_validates_at_the_eval_resize_and_crop_and_trains_at_the_resolution(toy_pretrain_manifests):
+    from pipeline.data.loader import build_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.transforms import EvalSizes, decode, eval_sizes
+
+    assert eval_sizes(DataConfig(**FIXRES)) == EvalSizes(resize=28, crop=24)
+    assert eval_sizes(DataConfig(resolution=16, eval_crop=24)) == EvalSizes(resize=27, crop=24)  # 24 / 0.875
+    assert eval_sizes(DataConfig(resolution=16)) == EvalSizes(resize=18, crop=16), "null: as before FixRes"
+    jpeg, validated = _first_val_sample(load_manifest(toy_pretrain_manifests["val"]))
+    by_hand = v2.CenterCrop(24)(v2.Resize(28, antialias=True)(decode(jpeg)))  # 32 px -> 28 -> 24
+    assert torch.equal(validated, by_hand)
+    train = build_loader(load_manifest(toy_pretrain_manifests["train"]), DataConfig(**FIXRES), train=True)
+    images, _ = next(iter(train))
+    assert images.shape == (4, 3, 16, 16), "training keeps data.resolution"
+
+
+def test_the_exported_model_serves_with_the_eval_sizes_validation_used(toy_pretrain_manifests):
+    from types import SimpleNamespace
+
+    from pipeline.config import ModelConfig, PretrainConfig
+    from pipeline.data.manifest import load_manifest
+    from pipeline.predictor import Predictor
+    from pipeline.publish import export_payload
+    from pipeline.train.build import build_classifier
+
+    manifest = load_manifest(toy_pretrain_manifests["val"])
+    cfg = PretrainConfig(
+        data=DataConfig(train_manifest="unused", val_manifest="unused", **FIXRES),
+        model=ModelConfig(name="cifar_resnet20"),
+    )
+    model = build_classifier(cfg.model, num_classes=manifest.num_classes)
+    validated = SimpleNamespace(num_classes=manifest.num_classes, train_manifest=manifest)
+    payload = export_payload({"model": model.state_dict()}, cfg, validated)
+    spec = payload["model_config"]["preprocessing"]
+    assert (spec["resize_short_side"], spec["center_crop"]) == (28, 24)
+    jpeg, validated_image = _first_val_sample(manifest)
+    predictor = Predictor.from_payload(payload, device="cpu")
+    assert torch.equal(predictor.preprocess(jpeg), validated_image), "served = validated preprocessing"
+    [row] = predictor.predict_bytes([jpeg])
+    assert row["error"] is None and row["label"] in manifest.classes, "the net takes the larger eval crop"

@@ -8,8 +8,9 @@ The contract the training loop relies on:
   i.e. one epoch sees (almost) every sample once in expectation. Each loader slot (rank x DataLoader
   worker) streams its share of shards, cycling into a reshuffled next pass when its shards run short, and
   stops at its exact quota of batches.
-* **Shard order changes every epoch** (seed + epoch): webdataset's own ``shardshuffle`` repeats the same
-  order every epoch, so the shuffling of the shard list is done here. Samples are shuffled in a buffer.
+* **Shard order changes every epoch** (seed + epoch; every k epochs with repeated augmentation, below):
+  webdataset's own ``shardshuffle`` repeats the same order every epoch, so the shuffling of the shard list
+  is done here. Samples are shuffled in a buffer.
 * **Evaluation covers every sample exactly once across ranks**: no shuffle, no cycling, no padding, and
   the last batch of each slot may be short. Ranks may therefore differ in batch count (``num_batches`` is
   per rank); the evaluation loop must not run collectives per step, only one all-reduce of its sums at
@@ -19,13 +20,32 @@ The contract the training loop relies on:
 * Class-balanced **oversampling** (with replacement): each sample is repeated floor(r) or ceil(r) times
   with r = N / (C * n_class), so classes become equally frequent in expectation and the epoch length stays
   N. Copies are augmented independently because decoding happens after the repeat.
+* **Repeated augmentation** (k = ``data.repeated_augment`` > 1; Hoffer et al. 2020, torchvision's
+  RASampler): each slot's stream is the round-robin of k *group streams*, copy c coming from the group
+  stream that rank (rank - c) mod world_size reads at k=1 (same worker index). A group stream is a pure
+  function of (seed, epoch, group), so every rank that takes it sees the same samples in the same order:
+  sample m of group g lands at position m*k + c on rank g + c (mod world_size), for c = 0..k-1. That is
+  RASampler's layout: the k copies go to k different ranks when k <= world_size (else some share a rank and
+  sit next to each other in one batch), at the same step when k divides the batch size, each augmented by
+  its own slot's RNG. Every sample of an epoch thus comes in exactly k copies, except the last one of a slot
+  when k does not divide its quota of samples, and a multiple of k when a group stream wraps into its next
+  pass and meets a shard another group read (uneven shards, as at k=1). The batch count per rank is
+  unchanged, so an epoch takes 1/k of each group stream, ~N/k distinct samples: epoch e reads part
+  (e mod k) of streams seeded by (seed, e // k), so k consecutive epochs sweep every sample about once (the
+  shuffle buffer's read-ahead makes neighbouring epochs overlap by a few percent), where RASampler draws a
+  fresh random 1/k each epoch. Whole shards in the skipped parts are not opened. Each slot holds k shuffle
+  buffers of shuffle_buffer / k samples (memory unchanged) and reads as many samples as at k=1 (each group
+  stream is read by k ranks, 1/k of it per epoch). Evaluation is never repeated.
 
-Batches are ``(images uint8 [B, 3, R, R], labels int64 [B])``; normalize on the device with
+Batches are ``(images uint8 [B, 3, R, R], labels int64 [B])``, R = ``data.resolution`` in training and the
+evaluation crop (``transforms.eval_sizes``, FixRes) in evaluation; normalize on the device with
 ``pipeline.data.transforms.normalize``.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import random
 import time
@@ -61,12 +81,17 @@ def plan_slot(shard_order: list[int], *, slot: int, n_slots: int) -> SlotPlan:
     return SlotPlan(list(shard_order), n_slots, slot)
 
 
+def plan_length(plan: SlotPlan, shard_sizes: list[int]) -> int:
+    """Number of samples a slot gets from one pass of ``plan`` (shard_sizes: samples per shard)."""
+    if plan.keep_every == 1:
+        return sum(shard_sizes[i] for i in plan.shard_indices)
+    return len(range(plan.keep_offset, sum(shard_sizes), plan.keep_every))
+
+
 def slot_sample_count(manifest: Manifest, *, slot: int, n_slots: int) -> int:
     """Exact number of samples a slot sees in one unshuffled pass (used for evaluation counts)."""
     plan = plan_slot(list(range(len(manifest.shards))), slot=slot, n_slots=n_slots)
-    if plan.keep_every == 1:
-        return sum(manifest.shards[i].num_samples for i in plan.shard_indices)
-    return len(range(plan.keep_offset, manifest.num_samples, plan.keep_every))
+    return plan_length(plan, [shard.num_samples for shard in manifest.shards])
 
 
 def split_quota(total: int, parts: int, index: int) -> int:
@@ -129,6 +154,7 @@ class _SlotStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.urls = manifest.shard_urls()
+        self.shard_sizes = [shard.num_samples for shard in manifest.shards]
         self.cfg = cfg
         self.train = train
         self.rank = rank
@@ -145,22 +171,35 @@ class _SlotStream(IterableDataset):
                 random_erasing=cfg.random_erasing,
             )
             if train
-            else transforms.eval_transform(cfg.resolution)
+            else transforms.eval_transform(transforms.eval_sizes(cfg))
         )
 
-    def _pass(self, shard_order: list[int], slot: int, n_slots: int) -> Iterator[dict]:
-        plan = plan_slot(shard_order, slot=slot, n_slots=n_slots)
-        for j, sample in enumerate(read_samples([self.urls[i] for i in plan.shard_indices])):
-            if j % plan.keep_every == plan.keep_offset:
-                yield sample
+    def _pass(self, plan: SlotPlan, *, skip: int = 0) -> Iterator[dict]:
+        """The plan's samples in order, less the first ``skip``."""
+        shard_indices = plan.shard_indices
+        if plan.keep_every == 1:
+            while shard_indices and self.shard_sizes[shard_indices[0]] <= skip:
+                skip -= self.shard_sizes[shard_indices[0]]  # a whole shard skipped is never opened
+                shard_indices = shard_indices[1:]
+        samples = read_samples([self.urls[i] for i in shard_indices])
+        kept = (s for j, s in enumerate(samples) if j % plan.keep_every == plan.keep_offset)
+        yield from itertools.islice(kept, skip, None)
 
-    def _train_samples(self, slot: int, n_slots: int, rng: random.Random) -> Iterator[dict]:
+    def _train_samples(self, group: int, n_groups: int, rng: random.Random, *, skip: int) -> Iterator[dict]:
+        """Endless raw samples of one group (the slot itself at k=1), passes of shards seeded by
+        (seed, epoch // k, pass), from the ``skip``-th on."""
+        cycle = self.epoch // self.cfg.repeated_augment
         for pass_index in range(1_000_000):
             order = list(range(len(self.urls)))
             # Same order on every slot (the seed has no slot in it), so slots partition the shards.
-            random.Random(_seed(self.cfg.seed, self.epoch, pass_index)).shuffle(order)
+            random.Random(_seed(self.cfg.seed, cycle, pass_index)).shuffle(order)
+            plan = plan_slot(order, slot=group, n_slots=n_groups)
+            length = plan_length(plan, self.shard_sizes)
+            if 0 < length <= skip:
+                skip -= length
+                continue
             produced = 0
-            for sample in self._pass(order, slot, n_slots):
+            for sample in self._pass(plan, skip=skip):
                 produced += 1
                 if self.factors is None:
                     yield sample
@@ -168,11 +207,19 @@ class _SlotStream(IterableDataset):
                 r = self.factors[int(sample["cls"])]
                 for _ in range(int(r) + (rng.random() < r - int(r))):
                     yield sample
+            skip = 0
             if produced == 0:
                 raise LoaderError(
-                    f"loader slot {slot} of {n_slots} got no samples from {len(self.urls)} shards"
+                    f"loader slot {group} of {n_groups} got no samples from {len(self.urls)} shards"
                 )
         raise AssertionError("unreachable: the consumer stops at its batch quota")
+
+    def _group_stream(self, group: int, n_groups: int, *, buffer: int, skip: int) -> Iterator[dict]:
+        """One group's shuffled stream: the same on every rank that reads it (no rank in any seed)."""
+        rng = random.Random(_seed(self.cfg.seed, self.epoch, group, 1))
+        return wds.filters.shuffle(buffer, initial=buffer, rng=rng)(
+            self._train_samples(group, n_groups, rng, skip=skip)
+        )
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
         try:
@@ -193,19 +240,29 @@ class _SlotStream(IterableDataset):
             quota = split_quota(self.batches_per_rank, num_workers, worker)
             if quota == 0:
                 return
-            rng = random.Random(_seed(self.cfg.seed, self.epoch, slot, 1))
             torch.manual_seed(_seed(self.cfg.seed, self.epoch, slot, 2))  # augmentation randomness
+            # Repeated augmentation (module docstring): copy c comes from rank (rank - c)'s group stream.
+            # At k=1 the one group is this slot and the stream is the plain per-slot stream.
+            k = self.cfg.repeated_augment
+            groups = [((self.rank - c) % self.world_size) * num_workers + worker for c in range(k)]
+            per_stream = -(-quota * batch_size // k)  # samples this slot takes from each group stream
             # The buffer's content at the quota is read but never used, so a buffer as large as the quota
             # doubles the reads (measured: 1,652 samples read for 1,152 used at buffer 500). A quarter of
             # the slot's epoch bounds that waste at 25%; the per-epoch shard shuffle supplies the rest of
             # the randomness. ImageNet slots read ~20k samples an epoch, so the configured buffer applies.
-            buffer = max(1, min(self.cfg.shuffle_buffer, quota * batch_size // 4))
-            samples = wds.filters.shuffle(buffer, initial=buffer, rng=rng)(
-                self._train_samples(slot, n_slots, rng)
-            )
+            # With k streams each gets 1/k of the buffer: the same memory as k=1.
+            buffer = max(1, min(self.cfg.shuffle_buffer // k, per_stream // 4))
+            skip = (self.epoch % k) * per_stream  # this epoch's part of the streams (0 at k=1)
+            copies = collections.Counter(groups)  # k > world size: a group taken twice by this slot
+            teed = {
+                group: iter(itertools.tee(self._group_stream(group, n_slots, buffer=buffer, skip=skip), n))
+                for group, n in copies.items()
+            }
+            per_copy = [next(teed[group]) for group in groups]  # round-robin over the copies:
+            samples = (sample for row in zip(*per_copy, strict=True) for sample in row)
         else:
             quota = None
-            samples = self._pass(list(range(len(self.urls))), slot, n_slots)
+            samples = self._pass(plan_slot(list(range(len(self.urls))), slot=slot, n_slots=n_slots))
         produced = 0
         images, labels = [], []
         for sample in samples:

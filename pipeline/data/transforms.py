@@ -11,16 +11,20 @@ import functools
 import io
 import re
 import warnings
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Eval resizes the short side to resolution / 0.875 before the center crop (224 <- 256), as in the
-# ImageNet reference recipes.
+# Eval resizes the short side to crop / 0.875 before the center crop (224 <- 256) unless data.eval_resize
+# says otherwise, as in the ImageNet reference recipes.
 EVAL_CROP_FRACTION = 0.875
 
 # torchvision 0.29 announces the move of image decoding to TorchCodec on every call; the API still works.
@@ -108,15 +112,26 @@ def batch_mixer(train_cfg, num_classes: int) -> v2.Transform | None:
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def eval_sizes(resolution: int) -> tuple[int, int]:
-    """``(resize, crop)`` of evaluation: the short side resized to ``resize``, then a centre crop."""
-    return round(resolution / EVAL_CROP_FRACTION), resolution
+@dataclass(frozen=True)
+class EvalSizes:
+    """Evaluation's preprocessing: the short side resized to ``resize`` pixels, then a centre crop of
+    ``crop`` pixels."""
+
+    resize: int
+    crop: int
 
 
-def eval_transform(resolution: int, *, resize: int | None = None) -> v2.Transform:
-    """Evaluation's resize-then-centre-crop; ``resize`` overrides the ``resolution / 0.875`` default."""
-    default_resize, crop = eval_sizes(resolution)
-    return v2.Compose([v2.Resize(resize or default_resize, antialias=True), v2.CenterCrop(crop)])
+def eval_sizes(data: DataConfig) -> EvalSizes:
+    """The one place that resolves a DataConfig's evaluation sizes (FixRes): crop = data.eval_crop or the
+    training resolution, resize = data.eval_resize or crop / 0.875. Validation, the exported model's
+    recorded preprocessing and so serving all take their sizes from here."""
+    crop = data.eval_crop or data.resolution
+    return EvalSizes(resize=data.eval_resize or round(crop / EVAL_CROP_FRACTION), crop=crop)
+
+
+def eval_transform(sizes: EvalSizes) -> v2.Transform:
+    """Evaluation's resize of the short side, then centre crop, on uint8 tensors."""
+    return v2.Compose([v2.Resize(sizes.resize, antialias=True), v2.CenterCrop(sizes.crop)])
 
 
 @functools.cache
