@@ -245,6 +245,6 @@ def publish_model(
             artifact_path=EXPORT_DIR,
             name=cfg.tracking.register_as,
             alias=cfg.tracking.alias,
-            metric=cfg.train.early_stopping.metric,
+            metric=cfg.train.watched_metric,
             mode=cfg.train.early_stopping.mode,
         )
