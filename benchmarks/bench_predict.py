@@ -50,8 +50,11 @@ def _plain_loop(paths: list[Path], payload: dict, batch_size: int) -> float:
     from pipeline.publish import model_from_payload
 
     model = model_from_payload(payload)
-    resolution = payload["model_config"]["resolution"]
-    transform = v2.Compose([v2.Resize(round(resolution / 0.875), antialias=True), v2.CenterCrop(resolution)])
+    # The sizes the export recorded (those of validation), applied by hand: the baseline uses no project code.
+    sizes = payload["model_config"]["preprocessing"]
+    transform = v2.Compose(
+        [v2.Resize(sizes["resize_short_side"], antialias=True), v2.CenterCrop(sizes["center_crop"])]
+    )
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     start = time.perf_counter()

@@ -53,7 +53,8 @@ class DataConfig:
     repeated_augment: int = 1
     """Repeated augmentation (Hoffer et al.; torchvision's --ra-reps 4): each training sample appears this
     many times per epoch, each copy with its own augmentation and spread over the ranks, while the epoch
-    keeps its length (so it covers 1/k of the distinct samples); 1 disables it."""
+    keeps its length (so it covers 1/k of the distinct samples, and k consecutive epochs sweep the data
+    about once); 1 disables it."""
     batch_size_per_worker: int = 64
     """Samples per batch on each training worker (rank); the global batch is this times the world size."""
     loader_workers: int = 2

@@ -85,16 +85,19 @@ def _check_resolution(cfg: PretrainConfig, arch: str) -> None:
     architecture's downsampling fails here with a clear message, not in every worker after Ray started."""
     import torch
 
+    from pipeline.data.transforms import eval_sizes
     from pipeline.train.build import build_classifier
 
-    resolution = cfg.data.resolution
+    # Training's crop and validation's (FixRes) both go through the network: the smaller one must fit.
+    crop = eval_sizes(cfg.data).crop
+    field, resolution = ("data.eval_crop", crop) if crop < cfg.data.resolution else ("data.resolution", cfg.data.resolution)
     with torch.device("meta"):
         model = build_classifier(cfg.model, num_classes=cfg.model.num_classes or 2).eval()
         try:
             model(torch.empty(1, 3, resolution, resolution))
         except RuntimeError as error:
             raise ConfigError(
-                f"data.resolution: {resolution} px is too small for {arch} ({str(error).splitlines()[0]}); "
+                f"{field}: {resolution} px is too small for {arch} ({str(error).splitlines()[0]}); "
                 "raise it"
             ) from None
 

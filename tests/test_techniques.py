@@ -97,34 +97,6 @@ def test_bad_technique_settings_name_the_field(build, message):
     assert message in str(error.value)
 
 
-def test_exponential_schedule_multiplies_the_lr_by_gamma_at_each_epoch_after_warm_up():
-    from pipeline.config import OptimConfig
-    from pipeline.train.optim import build_scheduler
-
-    cfg = OptimConfig(
-        name="sgd", lr=0.1, reference_batch_size=1, schedule="exponential", exponential_gamma=0.5
-    )
-    cfg_warm = OptimConfig(
-        name="sgd",
-        lr=0.1,
-        reference_batch_size=1,
-        schedule="exponential",
-        exponential_gamma=0.5,
-        warmup_epochs=1,
-    )
-    for config, warm in ((cfg, 0), (cfg_warm, 1)):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        scheduler = build_scheduler(optimizer, config, steps_per_epoch=4, epochs=4)
-        lrs = []
-        for _ in range(16):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        per_epoch = [lrs[e * 4 : (e + 1) * 4] for e in range(4)]
-        for epoch in range(warm, 4):
-            assert per_epoch[epoch] == pytest.approx([0.1 * 0.5 ** (epoch - warm)] * 4), (warm, per_epoch)
-
-
 # FixRes (Touvron et al.): evaluation at its own resize and centre crop, training at data.resolution.
 FIXRES = dict(resolution=16, eval_crop=24, eval_resize=28, batch_size_per_worker=4, loader_workers=0)
 
