@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, PretrainConfig, dump_yaml, replace_fields, to_dict
+from pipeline.config import ConfigError, FinetuneConfig, PretrainConfig, dump_yaml, replace_fields, to_dict
 from pipeline.data import storage
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url
 from pipeline.publish import EXPORT_DIR, EXPORT_WEIGHTS, publish_model
@@ -124,6 +124,8 @@ def validate(cfg: PretrainConfig) -> Validated:
             f"model.num_classes: {num_classes} but {train.url} has {train.num_classes} classes; "
             "set it to null to follow the manifest"
         )
+    if isinstance(cfg, FinetuneConfig) and cfg.finetune.class_weights != "none":
+        _check_weighted_classes(train, cfg.finetune.class_weights)
     global_batch = cfg.data.batch_size_per_worker * cfg.scaling.world_size
     if train.num_samples < global_batch:
         raise ConfigError(
@@ -131,6 +133,20 @@ def validate(cfg: PretrainConfig) -> Validated:
             f"= {global_batch} exceeds the {train.num_samples} training samples; lower it"
         )
     return Validated(train_manifest=train, val_manifest=val, num_classes=num_classes, arch=arch)
+
+
+def _check_weighted_classes(train: Manifest, mode: str) -> None:
+    """Class weights divide by each class's training count: a class without training samples would fail in
+    every worker (metrics.class_weights raises), so it is refused here, naming the classes."""
+    empty = [name for name, count in zip(train.classes, train.counts(), strict=True) if count == 0]
+    if empty:
+        shown = ", ".join(repr(name) for name in empty[:10])
+        shown += f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        raise ConfigError(
+            f"finetune.class_weights: {mode} needs training samples of every class, but {train.url} has none "
+            f"of {shown}; add training images of them, drop them from the class list and reshard, or set "
+            "finetune.class_weights=none"
+        )
 
 
 def absolute_storage(path: str) -> str:

@@ -8,6 +8,7 @@ standard ``AWS_ENDPOINT_URL_S3`` variable, exactly as it would for any S3-compat
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -209,6 +210,20 @@ def toy_pretrain_overrides(manifests: dict[str, str], workdir) -> list[str]:
         f"checkpoint.storage_path={workdir}/ray_results",
         "checkpoint.name=toy",
     ]
+
+
+RAY_ADAPTERS = ("pipeline.launch", "pipeline.search.tuner")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray and the project's modules that import it cannot be imported while the test runs (they are None in
+    ``sys.modules``), and the working directory is the repository root, as for a job started there: a job
+    whose validation lets bad input through dies of an ImportError instead of exiting 2."""
+    for name in [n for n in sys.modules if n == "ray" or n.startswith("ray.")] + ["ray", *RAY_ADAPTERS]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="session")

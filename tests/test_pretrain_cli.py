@@ -1,21 +1,17 @@
 """jobs/pretrain.py rejects bad input with exit code 2 and a message naming the field, before Ray starts.
 
-Each case runs the job's real ``main`` with Ray made unimportable: every ``ray`` module and the project's
-two Ray adapters (``pipeline.launch``, ``pipeline.search.tuner``) are ``None`` in ``sys.modules``, so any
-import of them raises. If validation let a bad config through to the launcher, the job would die of that
-ImportError instead of exiting 2 with the expected message. In-process: a subprocess per case cost ~5 s of
-interpreter and torch start-up, 17 times.
+Each case runs the job's real ``main`` with Ray made unimportable (conftest's ``no_ray``): every ``ray``
+module and the project's two Ray adapters (``pipeline.launch``, ``pipeline.search.tuner``) are ``None`` in
+``sys.modules``, so any import of them raises. If validation let a bad config through to the launcher, the
+job would die of that ImportError instead of exiting 2 with the expected message. In-process: a subprocess
+per case cost ~5 s of interpreter and torch start-up, 17 times.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from conftest import toy_pretrain_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pretrain/toy_resnet20.yaml"
 
 CASES = {
@@ -54,18 +50,6 @@ CASES = {
         "model.scaling: cifar_resnet20: unknown scaling",
     ),
 }
-
-
-BLOCKED = ("pipeline.launch", "pipeline.search.tuner")
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Ray and the modules that import it cannot be imported while the test runs."""
-    for name in [n for n in sys.modules if n == "ray" or n.startswith("ray.")] + ["ray", *BLOCKED]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.chdir(REPO)
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:

@@ -1,4 +1,5 @@
-"""Shard writer: round trips on disk and S3, bad inputs, determinism, resume, flat val with a labels CSV."""
+"""Shard writer: round trips on disk and S3, bad inputs, determinism, resume, flat val with a labels CSV, one
+unsplit tree split into train and val."""
 
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ import jobs.make_shards as make_shards_job  # noqa: E402  (jobs/ is importable f
 from pipeline.data import storage
 from pipeline.data.loader import read_samples
 from pipeline.data.manifest import load_manifest
-from pipeline.data.shards import ShardError, ShardOptions, write_shards
+from pipeline.data.shards import (
+    ShardError,
+    ShardOptions,
+    SourceItem,
+    SourceScan,
+    SplitOptions,
+    file_list_digest,
+    split_items,
+    val_count,
+    write_shards,
+    write_split_shards,
+)
 
 COUNTS = {"n01440764": 7, "n01443537": 5, "n01484850": 4}
 
@@ -54,6 +66,7 @@ def test_round_trip_local(tmp_path):
             assert {m.name.split(".", 1)[1] for m in tar.getmembers()} == {"jpg", "cls", "json"}
     assert manifest.tool["version"] and manifest.options["samples_per_shard"] == 5
     assert manifest.skipped == []
+    assert "split" not in json.loads((tmp_path / "out" / "manifest.json").read_text()), "unsplit: as before"
     assert "16 samples in 4 shards" in summary.line()
     _check_round_trip(manifest, labels)
 
@@ -236,3 +249,125 @@ def test_unreachable_s3_gives_storage_error_exit_1(tmp_path, monkeypatch, capsys
     assert "127.0.0.1:9" in captured.err
     assert "SUPERSECRETVALUE123" not in captured.err + captured.out
     assert "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --val-fraction: one unsplit tree into train and val
+
+SPLIT_COUNTS = {"daisy": 10, "rose": 5, "tulip": 1}
+
+
+def _sources(manifest) -> list[str]:
+    return [json.loads(sample["json"])["src"] for sample in read_samples(manifest.shard_urls())]
+
+
+def test_val_fraction_splits_one_tree_stratified_disjoint_and_recorded(tmp_path, capsys, caplog):
+    labels = make_tree(tmp_path / "flowers", SPLIT_COUNTS)
+    dest = tmp_path / "shards"
+    argv = ["--src", str(tmp_path / "flowers"), "--dest", str(dest), "--val-fraction", "0.2"]
+    assert make_shards_job.main([*argv, "--split-seed", "5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train: 13 samples") and "\nval: 3 samples" in out
+    train, val = load_manifest(str(dest / "train")), load_manifest(str(dest / "val"))
+
+    # Stratified: round(0.2 x n) of every class, at least one of a class of 2+; the single tulip stays in train.
+    assert val.class_counts == {"daisy": 2, "rose": 1, "tulip": 0}
+    assert train.class_counts == {"daisy": 8, "rose": 4, "tulip": 1}
+    assert "single image kept in train only" in caplog.text and "tulip" in caplog.text
+    # Disjoint and complete: every source image is in exactly one side.
+    train_sources, val_sources = _sources(train), _sources(val)
+    assert not set(train_sources) & set(val_sources)
+    assert sorted(train_sources + val_sources) == sorted(labels)
+    # One class list, so val's indices are train's.
+    assert val.classes == train.classes == sorted(SPLIT_COUNTS)
+    for sample in read_samples(val.shard_urls()):
+        assert train.classes[int(sample["cls"])] == labels[json.loads(sample["json"])["src"]]
+
+    # Recorded in both manifests, identically but for the role; the digests name each side's files.
+    assert train.split["role"] == "train" and val.split == {**train.split, "role": "val"}
+    assert train.source == val.source == str((tmp_path / "flowers").resolve())
+    split = val.split
+    assert (split["val_fraction"], split["seed"], split["files"]) == (0.2, 5, {"train": 13, "val": 3})
+    assert split["files_per_class"] == {"train": train.class_counts, "val": val.class_counts}
+    assert split["train_only_classes"] == ["tulip"]
+    assert split["val_files_sha256"] == file_list_digest(val_sources)
+    assert split["train_files_sha256"] == file_list_digest(train_sources)
+
+    # A rerun of the same command reuses every shard: the split is the same.
+    assert make_shards_job.main([*argv, "--split-seed", "5", "--quiet"]) == 0
+    assert "(0 written, 1 reused)" in capsys.readouterr().out
+
+
+def test_split_is_seeded_per_class_over_the_sorted_files():
+    def scan(counts: dict[str, int], reverse: bool = False) -> SourceScan:
+        classes = sorted(counts)
+        items = [
+            SourceItem(f"{c}/{i:03d}.jpg", label) for label, c in enumerate(classes) for i in range(counts[c])
+        ]
+        return SourceScan(classes=classes, items=items[::-1] if reverse else items, skipped=[])
+
+    def val_files(source: SourceScan, seed: int, cls: str = "") -> list[str]:
+        plan = split_items(source, SplitOptions(val_fraction=0.25, seed=seed))
+        held_out = sorted(item.path for item in plan.val if item.path.startswith(cls))
+        assert not {item.path for item in plan.train} & set(held_out)
+        return held_out
+
+    base = scan({"a": 20, "b": 12})
+    assert len(val_files(base, 0, "a/")) == 5 and len(val_files(base, 0, "b/")) == 3
+    assert val_files(base, 0) == val_files(base, 0) == val_files(scan({"a": 20, "b": 12}, reverse=True), 0)
+    assert val_files(base, 0) != val_files(base, 1), "another seed draws another split"
+    # Seeded per class: class a's split does not move when class b gains images.
+    assert val_files(scan({"a": 20, "b": 30}), 0, "a/") == val_files(base, 0, "a/")
+
+
+@pytest.mark.parametrize(
+    "num_images,fraction,expected",
+    [(1, 0.5, 0), (2, 0.01, 1), (2, 0.99, 1), (10, 0.25, 3), (15, 0.1, 2), (1000, 0.1, 100)],
+)
+def test_val_count_rounds_and_keeps_a_training_image(num_images, fraction, expected):
+    assert val_count(num_images, fraction) == expected
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
+        (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+        (["--val-fraction", "-0.1"], "--val-fraction must be in (0, 1)"),
+        (["--val-fraction", "0.1", "--classes-from", "classes.txt"], "--classes-from cannot be combined"),
+        (["--split-seed", "3"], "--split-seed needs --val-fraction"),
+    ],
+)
+def test_bad_split_flags_exit_2_before_any_work(tmp_path, capsys, flags, message):
+    make_tree(tmp_path / "src", {"a": 2})
+    rc = make_shards_job.main(
+        ["--src", str(tmp_path / "src"), "--dest", str(tmp_path / "out"), *flags, "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_with_nothing_to_hold_out_exits_2(tmp_path, capsys):
+    make_tree(tmp_path / "src", {"a": 1, "b": 1})
+    argv = [
+        "--src",
+        str(tmp_path / "src"),
+        "--dest",
+        str(tmp_path / "out"),
+        "--val-fraction",
+        "0.5",
+        "--quiet",
+    ]
+    assert make_shards_job.main(argv) == 2
+    assert "no class under" in capsys.readouterr().err
+
+
+def test_split_to_s3(tmp_path, s3_bucket):
+    make_tree(tmp_path / "src", {"a": 3, "b": 2})
+    dest = f"s3://{s3_bucket}/flowers"
+    summaries = write_split_shards(tmp_path / "src", dest, ShardOptions(), SplitOptions(0.5), progress=False)
+    assert summaries["val"].manifest.url == f"{dest}/val/manifest.json"
+    train, val = load_manifest(f"{dest}/train"), load_manifest(f"{dest}/val")
+    assert (train.class_counts, val.class_counts) == ({"a": 1, "b": 1}, {"a": 2, "b": 1})
+    assert train.split["val_files_sha256"] == val.split["val_files_sha256"] == file_list_digest(_sources(val))

@@ -4,6 +4,7 @@ A manifest (``manifest.json`` beside the shards) is the contract between the wri
 class list (index = position in the sorted class names), per-class counts (for loss weights and
 oversampling), each shard's sample count, size and sha256 (for exact per-rank batch counts and for resume),
 and every skipped input with its reason. Readers never list the bucket: the manifest is the source of truth.
+A split made by ``make_shards --val-fraction`` is recorded in both of its manifests (``split``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Manifest:
     tool: dict[str, str] = field(default_factory=dict)
     converted: dict[str, int] = field(default_factory=dict)
     """How many inputs were re-encoded, by reason (e.g. 'CMYK to RGB')."""
+    split: dict[str, Any] = field(default_factory=dict)
+    """Set when one folder tree was split into train and val (``--val-fraction``): the same record in both
+    manifests plus this one's ``role``; empty (and not written) for a split sharded as is."""
     format_version: int = FORMAT_VERSION
     url: str = field(default="", compare=False)
     """Where this manifest was read from (not serialized); shard URLs are resolved against it."""
@@ -66,6 +70,8 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("url")
+        if not data["split"]:
+            del data["split"]  # a split sharded as is keeps exactly the manifest it had before splits existed
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod

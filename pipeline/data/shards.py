@@ -5,6 +5,8 @@ What this module owns:
 * **Scanning** a split: class folders (``train/n01440764/*.JPEG``), or a flat folder with a labels CSV
   (rows ``filename,class``, as ImageNet's val split is often distributed). Class index = position in the
   sorted class names, or in a class list taken from another manifest so that val indices match train.
+* **Splitting** one tree into train and val when the data does not come pre-split (``write_split_shards``):
+  the same share of every class, drawn by a seeded generator per class, recorded in both manifests.
 * **Cleaning** every input: zero-byte, non-image, truncated/corrupt and unreadable files are skipped and
   counted with their reason; CMYK, grayscale, palette and PNG-content files named ``.JPEG`` are re-encoded
   as RGB JPEG (real ImageNet train has 22 CMYK JPEGs and one PNG in disguise). ``strict`` fails instead.
@@ -25,14 +27,16 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
 import re
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -194,6 +198,115 @@ def scan_source(
     if not items:
         raise ShardError(f"--src {root}: no input files found (empty source); nothing to shard")
     return SourceScan(classes=classes, items=items, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splitting one tree into train and val
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How one folder tree is split into train and val before sharding; recorded in both manifests."""
+
+    val_fraction: float
+    """Share of every class's images held out for val, in (0, 1); see :func:`val_count` for the rounding."""
+    seed: int = 0
+    """Seed of the per-class draw: the same files and seed give the same split."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ShardError(f"--val-fraction must be in (0, 1) (e.g. 0.1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    train: list[SourceItem]
+    val: list[SourceItem]
+    train_only: list[str]
+    """Classes with a single image: it stays in train, and val has none of them."""
+
+
+def val_count(num_images: int, val_fraction: float) -> int:
+    """Images of a class held out for val: round(fraction x n), but at least 1 and at most n - 1 when n >= 2
+    (every class keeps a training image and, if it can spare one, is measured in val); 0 when n = 1."""
+    if num_images < 2:
+        return 0
+    return min(num_images - 1, max(1, math.floor(val_fraction * num_images + 0.5)))
+
+
+def file_list_digest(paths: list[str]) -> str:
+    """sha256 of the sorted relative paths, one per line: names exactly which files a split side holds."""
+    return hashlib.sha256("".join(f"{p}\n" for p in sorted(paths)).encode()).hexdigest()
+
+
+def split_items(scan: SourceScan, split: SplitOptions) -> SplitPlan:
+    """Stratified split of a scanned tree: val takes ``val_count`` images of every class, drawn from the
+    class's sorted file list by a generator seeded with (seed, class name). Seeding per class means a class's
+    split does not move when another class gains or loses images."""
+    by_class: dict[int, list[SourceItem]] = defaultdict(list)
+    for item in sorted(scan.items, key=lambda it: it.path):
+        by_class[item.label].append(item)
+    train: list[SourceItem] = []
+    val: list[SourceItem] = []
+    train_only = []
+    for label, items in sorted(by_class.items()):
+        name = scan.classes[label]
+        if len(items) == 1:
+            train_only.append(name)
+        # A str seed is hashed with sha512 by random.seed: stable across processes and PYTHONHASHSEED.
+        rng = random.Random(f"{split.seed}/{name}")
+        held_out = set(rng.sample(range(len(items)), val_count(len(items), split.val_fraction)))
+        for i, item in enumerate(items):
+            (val if i in held_out else train).append(item)
+    return SplitPlan(train=train, val=val, train_only=train_only)
+
+
+def write_split_shards(
+    src: str | Path, dest: str, options: ShardOptions, split: SplitOptions, *, progress: bool = True
+) -> dict[str, ShardSummary]:
+    """Split one image folder tree into ``dest/train`` and ``dest/val`` shard sets (same class list, so the
+    same indices) and record the split in both manifests. Returns the summaries by role."""
+    if options.classes_from:
+        raise ShardError(
+            "--classes-from cannot be combined with --val-fraction: the split gives val the class list of "
+            "train itself; drop --classes-from"
+        )
+    src = Path(src)
+    scan = scan_source(src, labels_csv=options.labels_csv)
+    plan = split_items(scan, split)
+    if not plan.val:
+        raise ShardError(
+            f"--val-fraction: no class under {src} has 2 or more images; nothing to hold out for val"
+        )
+    if plan.train_only:
+        more = len(plan.train_only) - 10
+        log.warning(
+            "split: %d class(es) with a single image kept in train only, none in val: %s%s",
+            len(plan.train_only),
+            ", ".join(plan.train_only[:10]),
+            f" and {more} more" if more > 0 else "",
+        )
+    sides = {"train": plan.train, "val": plan.val}
+    record = {
+        "val_fraction": split.val_fraction,
+        "seed": split.seed,
+        "files": {role: len(items) for role, items in sides.items()},
+        "files_per_class": {
+            role: {name: counts.get(i, 0) for i, name in enumerate(scan.classes)}
+            for role, counts in ((r, Counter(it.label for it in items)) for r, items in sides.items())
+        },
+        "train_only_classes": plan.train_only,
+        "train_files_sha256": file_list_digest([it.path for it in plan.train]),
+        "val_files_sha256": file_list_digest([it.path for it in plan.val]),
+    }
+    summaries = {}
+    for role, items in sides.items():
+        # Inputs skipped while scanning (stray files, unlabelled ones) belong to neither side: listed once, in train.
+        part = SourceScan(classes=scan.classes, items=items, skipped=scan.skipped if role == "train" else [])
+        summaries[role] = _write_scan(
+            src, storage.join(dest, role), part, options, progress=progress, split={"role": role, **record}
+        )
+    return summaries
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,6 +515,19 @@ def write_shards(src: str | Path, dest: str, options: ShardOptions, *, progress:
     """Shard one split of an image folder tree into ``dest`` (a local dir or s3://bucket/prefix)."""
     src = Path(src)
     scan = scan_source(src, labels_csv=options.labels_csv, classes_from=options.classes_from)
+    return _write_scan(src, dest, scan, options, progress=progress)
+
+
+def _write_scan(
+    src: Path,
+    dest: str,
+    scan: SourceScan,
+    options: ShardOptions,
+    *,
+    progress: bool,
+    split: dict[str, Any] | None = None,
+) -> ShardSummary:
+    """Shard the scanned inputs of ``src`` into ``dest``; ``split`` is recorded in the manifest."""
     items = sorted(scan.items, key=lambda it: it.path)
     random.Random(options.seed).shuffle(items)
     positioned = list(enumerate(items))
@@ -431,7 +557,8 @@ def write_shards(src: str | Path, dest: str, options: ShardOptions, *, progress:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), unit="img", desc=f"sharding {src.name}", disable=not progress or None)
+    desc = f"sharding {src.name}" + (f" ({split['role']})" if split else "")
+    bar = tqdm(total=len(items), unit="img", desc=desc, disable=not progress or None)
     bar.update(sum(len(t.items) for t in tasks if t.index in results))
     if options.workers == 1 or len(todo) <= 1:
         for task in todo:
@@ -468,6 +595,7 @@ def write_shards(src: str | Path, dest: str, options: ShardOptions, *, progress:
         options={k: v for k, v in asdict(options).items() if k not in ("workers",)},
         tool={"name": TOOL_NAME, "version": TOOL_VERSION},
         converted=dict(sorted(converted.items())),
+        split=dict(split or {}),
         url=storage.join(dest, MANIFEST_NAME),
     )
     if manifest.num_samples == 0:
