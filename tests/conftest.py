@@ -274,6 +274,7 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_ray_rank)
 
 
+@pytest.hookimpl(trylast=True)  # after the test's fixtures are finalized: no_ray has put Ray back by then
 def pytest_runtest_teardown(item, nextitem):
     if nextitem is not None and _ray_rank(item) < len(RAY_MODULES) <= _ray_rank(nextitem):
         import ray
