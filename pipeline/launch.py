@@ -124,7 +124,8 @@ def require_cluster_storage(
     if reason is None:
         return
     for field_name, url in locations.items():
-        if url and not storage.is_s3(url) and not storage.under_any(url, scaling.shared_paths):
+        local = bool(url) and not storage.backend_for(url).shared_by_cluster
+        if local and not storage.under_any(url, scaling.shared_paths):
             raise ConfigError(
                 f"{field_name}: {url} is a local path, but {reason}, and nodes do not share this node's disk; "
                 "use an s3:// URL (or set PIPELINE_STORAGE_ROOT=s3://... for the default locations), or "

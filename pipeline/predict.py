@@ -15,7 +15,6 @@ no label, counted and listed in ``skipped.csv``, never a crash.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -95,17 +94,9 @@ def _is_manifest(url: str) -> bool:
 
 
 def _list_files(url: str) -> list[str]:
-    if storage.is_s3(url):
-        from pipeline.data import s3
-
-        return sorted(u for u in s3.list_urls(url.rstrip("/") + "/") if not u.endswith("/"))
-    if not os.path.isdir(url):
+    if not storage.is_directory(url):
         raise ConfigError(f"input: {url} is not a directory, an s3:// prefix or a manifest.json")
-    found = []
-    for directory, subdirs, files in os.walk(url):
-        subdirs.sort()
-        found += [os.path.join(directory, name) for name in sorted(files)]
-    return found
+    return storage.list_files(url)
 
 
 def list_inputs(cfg: PredictConfig, classes: list[str]) -> Inputs:

@@ -151,7 +151,7 @@ def _check_weighted_classes(train: Manifest, mode: str) -> None:
 
 def absolute_storage(path: str) -> str:
     """``s3://`` as is; a local path made absolute, because Ray workers do not run in the driver's cwd."""
-    return path if storage.is_s3(path) else str(Path(path).expanduser().resolve())
+    return storage.absolute(path)
 
 
 def localize(cfg: PretrainConfig) -> PretrainConfig:

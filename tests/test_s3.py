@@ -98,7 +98,7 @@ def test_storage_round_trip(root, tmp_path):
     with storage.open_read(storage.join(root, "sub", "b.tar")) as stream:
         assert stream.read() == b"x" * 1000
     info = storage.stat(storage.join(root, "sub", "b.tar"))
-    expected_metadata = {"sha256": "abc"} if storage.is_s3(root) else {}
+    expected_metadata = {"sha256": "abc"} if storage.backend_for(root).keeps_metadata else {}
     assert info == ObjectInfo(size=1000, metadata=expected_metadata)
     assert storage.exists(storage.join(root, "a.bin"))
     assert not storage.exists(storage.join(root, "missing.bin"))
@@ -106,6 +106,8 @@ def test_storage_round_trip(root, tmp_path):
     # No temp files left behind by the atomic writes.
     assert storage.list_names(root) == ["a.bin", "sub"]
     assert storage.list_names(storage.join(root, "sub")) == ["b.tar"]
+    assert storage.list_files(root) == [storage.join(root, "a.bin"), storage.join(root, "sub", "b.tar")]
+    assert storage.is_directory(root)
 
     storage.put_file(str(source), storage.join(root, "moved.tar"), move=True)
     assert not source.exists()

@@ -120,11 +120,9 @@ def _seed(*parts: int) -> int:
 
 def read_samples(urls: list[str]) -> Iterator[dict]:
     """Raw samples (dicts of bytes) from tar shards, in order, via webdataset's tar iterators."""
-    if any(storage.is_s3(u) for u in urls):
+    for backend in {storage.backend_for(u) for u in urls}:
         # Re-registered here because spawn/forkserver workers do not inherit the parent's registration.
-        from pipeline.data.s3 import register_webdataset_opener
-
-        register_webdataset_opener()
+        backend.register_webdataset_opener()
     opened = wds.tariterators.url_opener({"url": u} for u in urls)
     yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))
 

@@ -10,8 +10,9 @@ It owns
 
 The endpoint and credentials come from the standard AWS environment and config files
 (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...). Every failure is raised as
-:class:`~pipeline.data.storage.StorageError` with a message built here from the error code, never from a
-botocore exception repr, so no credential or request header can leak into logs.
+:class:`~pipeline.data.storage_types.StorageError` with a message built here from the error code, never from
+a botocore exception repr, so no credential or request header can leak into logs. This module never imports
+:mod:`pipeline.data.storage` (which imports it lazily, to serve ``s3://`` URLs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from pipeline.data.storage import ObjectInfo, StorageError
+from pipeline.data.storage_types import ObjectInfo, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -123,7 +123,7 @@ class BadImage(Exception):
 
 
 def _read_class_list(spec: str) -> list[str]:
-    if spec.endswith(".json") or storage.is_s3(spec) or Path(spec).is_dir():
+    if spec.endswith(".json") or storage.is_directory(spec):
         return list(load_manifest(spec).classes)
     path = Path(spec)
     if not path.is_file():
@@ -408,8 +408,8 @@ def _write_shard(task: _ShardTask) -> ShardResult:
     """Convert one shard's inputs into a tar; runs in a worker process."""
     src = Path(task.src)
     dest_url = storage.join(task.dest, shard_name(task.index))
-    # Local: stage next to the target so the final rename is atomic. S3: stage in the temp dir, then upload.
-    stage_dir = None if storage.is_s3(task.dest) else task.dest
+    # Local: stage next to the target so the final rename is atomic. Remote: stage in the temp dir, upload.
+    stage_dir = storage.local_path(task.dest)
     fd, tmp_path = tempfile.mkstemp(prefix=f".{shard_name(task.index)}.", suffix=".tmp", dir=stage_dir)
     skipped: list[dict[str, str]] = []
     converted: Counter[str] = Counter()
@@ -444,10 +444,7 @@ def _write_shard(task: _ShardTask) -> ShardResult:
                 counts[item.label] += 1
         sha = _sha256_file(tmp_path)
         size = os.path.getsize(tmp_path)
-        if storage.is_s3(dest_url):
-            storage.put_file(tmp_path, dest_url, metadata={"sha256": sha})
-        else:
-            os.replace(tmp_path, dest_url)
+        storage.put_file(tmp_path, dest_url, metadata={"sha256": sha}, move=True)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -490,7 +487,8 @@ def _reusable(task: _ShardTask) -> ShardResult | None:
     if info is None or info.size != result.info.bytes:
         return None
     # S3 keeps the checksum as object metadata (no re-download); locally, re-hashing is a sequential read.
-    sha = info.metadata.get("sha256") if storage.is_s3(shard_url) else _sha256_file(shard_url)
+    keeps_sha = storage.backend_for(shard_url).keeps_metadata
+    sha = info.metadata.get("sha256") if keeps_sha else _sha256_file(shard_url)
     return result if sha == result.info.sha256 else None
 
 
