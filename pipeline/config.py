@@ -126,6 +126,11 @@ class ToyConfig:
 
     root: str = ".cache/toy"
     """Directory that receives pretrain/{train,val}/<class>/*.jpg and downstream/{train,val}/<class>/*.jpg."""
+    difficulty: Literal["standard", "easy"] = "standard"
+    """standard: clutter, distractor shapes, occluders, sensor noise and multi-colour textures (learnable,
+    not solved in a few CPU epochs); easy: the same outlines larger, on a plain background, without clutter
+    or occlusion and with little noise, so a small CNN fits it within a few hundred CPU steps (for
+    experiments whose claim needs a network that converges on 2 cores)."""
     seed: int = 0
     """Generation seed: the same seed gives byte-identical JPEGs."""
     image_size: int = 64

@@ -14,6 +14,12 @@ learns it well above chance in a few CPU epochs but does not solve it in one: me
 val accuracy 0.13 -> 0.54 over 8 epochs at 32 px x 200 per class (tests/test_toy.py, ~22 s), and
 0.14 -> 0.72 over 8 epochs on the default 64 px tree (4-conv CNN with a stride-2 stem, ~45 s); chance 0.10.
 
+``ToyConfig.difficulty: easy`` draws the same classes and layout with the hard parts taken out: one
+large, nearly upright object in one colour on a nearly flat background, no clutter, distractors or
+occluders, faint noise. Measured on 2 CPU threads: ResNet-20 (AdamW, batch 50, 100 images per class,
+crops of 80-100%) at 0.97 training top-1 after 120 steps and 1.00 after 300 (the standard set: 0.32 after
+300). It is for experiments whose claim needs a network that converges within a CPU budget.
+
 The downstream shapes are not in the pretrain set but are rendered by the same pipeline, so features
 learned on pretrain transfer: that is what the fine-tuning demo shows.
 
@@ -152,7 +158,16 @@ def generate(cfg: ToyConfig, *, workers: int = 1) -> ToyDataset:
         shutil.rmtree(root / task, ignore_errors=True)
 
     jobs = [
-        _Job(task, split, name, count, str(dataset.split_dir(task, split) / name), cfg.seed, cfg.image_size)
+        _Job(
+            task,
+            split,
+            name,
+            count,
+            str(dataset.split_dir(task, split) / name),
+            cfg.seed,
+            cfg.image_size,
+            cfg.difficulty,
+        )
         for task in TASKS
         for split in SPLITS
         for name, count in _counts(cfg, task, split).items()
@@ -346,6 +361,7 @@ class _Job:
     folder: str
     seed: int
     size: int
+    difficulty: str = "standard"
 
 
 def _render_job(job: _Job) -> None:
@@ -360,7 +376,11 @@ def _render_job(job: _Job) -> None:
     ]
     for index in range(job.count):
         rng = np.random.default_rng([*key, index])
-        image = _render(job.name, job.size, rng)
+        image = (
+            _render(job.name, job.size, rng)
+            if job.difficulty == "standard"
+            else _render_easy(job.name, job.size, rng)
+        )
         # No exif/icc/comment: Pillow writes none unless asked, so the bytes depend on pixels only.
         image.save(
             folder / f"{job.name}_{index:05d}.jpg",
@@ -430,10 +450,10 @@ def _texture(
     return Image.fromarray(np.stack(channels, axis=-1), "RGB")
 
 
-def _background(rng: np.random.Generator, side: int) -> tuple[Image.Image, np.ndarray]:
+def _background(rng: np.random.Generator, side: int, *, jitter: float = 30) -> tuple[Image.Image, np.ndarray]:
     """Blotchy colour: a 4x4 grid of jittered colours upsampled bilinearly; returns it and its mean colour."""
     base = _colour(rng, sat=(0.0, 0.6), val=(0.25, 0.9))
-    grid = np.clip(base + rng.normal(0, 30, size=(4, 4, 3)), 0, 255).astype(np.uint8)
+    grid = np.clip(base + rng.normal(0, jitter, size=(4, 4, 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(grid, "RGB").resize((side, side), Image.Resampling.BILINEAR)
     return image, grid.reshape(-1, 3).mean(axis=0)
 
@@ -522,6 +542,35 @@ def _render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     small = canvas.reduce(_SUPERSAMPLE)
     # Sensor-like noise, sigma 2-8 grey levels, so no two images of a flat colour are identical.
     pixels = np.asarray(small, dtype=np.float32) + rng.uniform(2, 8) * rng.standard_normal(
+        (size, size, 3), dtype=np.float32
+    )
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _render_easy(name: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """The easy setting: one large, upright object (radius 35-45%, turned by at most 17 degrees) in one
+    colour on a smooth background, with no clutter, no distractors, no occluder and faint noise. Colour and position still carry
+    no label, but the outline is plain to see: a ResNet-20 fits it in a few hundred steps."""
+    side = size * _SUPERSAMPLE
+    canvas, bg_mean = _background(rng, side, jitter=8)  # nearly flat
+    radius = side * rng.uniform(0.35, 0.45)
+    margin = radius * 0.9
+    cx, cy = rng.uniform(margin, side - margin, size=2)
+    outline = _place(
+        _outlines()[name],
+        cx=cx,
+        cy=cy,
+        radius=radius,
+        angle=rng.uniform(-0.3, 0.3),  # upright within +-17 degrees: no rotation invariance to learn
+        aspect=rng.uniform(0.9, 1.1),
+    )
+    mask = Image.new("L", (side, side), 0)
+    _draw_outline(ImageDraw.Draw(mask), outline, fill=255, hole=0)
+    fill = _contrasting(rng, bg_mean)
+    box = mask.getbbox() or (0, 0, 1, 1)
+    canvas.paste(_texture(rng, side, box, fill, fill), box[:2], mask.crop(box))  # one colour: no pattern
+    small = canvas.reduce(_SUPERSAMPLE)
+    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(1, 3) * rng.standard_normal(
         (size, size, 3), dtype=np.float32
     )
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
