@@ -76,10 +76,11 @@ def markdown(
     lines = [
         f"# {cfg.name}",
         "",
-        f"**Claim** (lecture *Modern Classification Networks*): {cfg.claim}",
+        f"**Claim** ({cfg.claim_source}): {cfg.claim}",
         "",
         f"**Verdict:** {verdict.line}",
         "",
+        *([f"**What it shows.** {cfg.discussion.strip()}", ""] if cfg.discussion.strip() else []),
         table(cfg, runs),
         "`±` is the spread over seeds (max - min); a difference counts only when it exceeds the larger spread "
         "of the two arms compared.",
