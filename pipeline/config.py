@@ -319,7 +319,18 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 (PyYAML) reads ``5e-4`` as a string; YAML 1.2 and every user read it as a number."""
+    """YAML 1.2's scalars where PyYAML's YAML 1.1 surprises: ``5e-4`` is a number (1.1: a string), and only
+    true/false are booleans (1.1 also reads on/off/yes/no, so ``train.amp=off`` became False)."""
+
+
+# Drop YAML 1.1's bool resolver (it claims y/n/yes/no/on/off too) and put YAML 1.2's back.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -103,6 +103,17 @@ def test_scientific_notation_is_a_number_in_yaml_and_overrides(tmp_path):
     assert (cfg.weight_decay, cfg.lr, cfg.label_smoothing) == (5e-4, 0.1, 0.1)
 
 
+def test_only_true_and_false_are_booleans_so_amp_off_stays_a_word(tmp_path):
+    # YAML 1.1 reads off/on/yes/no as booleans: `train.amp=off` was False and failed the Literal check.
+    from pipeline.config import TrainConfig
+
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text("amp: off\nchannels_last: true\n")
+    cfg = load_config(TrainConfig, recipe, ["compile=false"])
+    assert (cfg.amp, cfg.channels_last, cfg.compile) == ("off", True, False)
+    assert load_config(TrainConfig, recipe, ["amp=fp16"]).amp == "fp16"
+
+
 def test_one_storage_root_sets_every_default_location(monkeypatch, tmp_path):
     from pipeline.data.storage import STORAGE_ROOT_ENV, default_location, under_any
 
