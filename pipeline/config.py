@@ -74,6 +74,9 @@ class DataConfig:
     """Lower bound of RandomResizedCrop's area fraction (0.08 in the ImageNet recipe; larger for tiny images)."""
     oversample: bool = False
     """Class-balanced sampling with replacement in the training stream (for imbalanced data)."""
+    verify_shards: Literal["size", "checksum", "off"] = "size"
+    """Checked against the manifests before any resource is taken: each shard's size (one stat per shard),
+    also its sha256 (checksum: reads every byte once), or nothing (off)."""
     seed: int = 0
     """Base seed of shard order and sample shuffling; epoch e uses seed + e."""
     multiprocessing_context: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -882,7 +885,17 @@ class SearchSpace:
     scaling: ScalingSpace = field(default_factory=ScalingSpace)
     """Architecture scaling (none, direct or compound) and the FLOPs budget."""
     extra: dict[str, ParamSpace] = field(default_factory=dict)
-    """Any other pretrain field by its dotted name, e.g. {optim.lr: {type: loguniform, low: 1e-3, high: 1e-1}}."""
+    """Any other recipe field by its dotted name, e.g. {optim.lr: {type: loguniform, low: 1e-3, high: 1e-1}}
+    or, for a fine-tuning recipe, {finetune.backbone_lr_factor: ...}."""
+
+    def entries(self) -> dict[str, ParamSpace]:
+        """Every searched entry by its name under ``space.`` (scaling's only in direct mode), in draw order."""
+        named = {"weight_decay": self.weight_decay, "dropout": self.dropout}
+        if self.scaling.mode == "direct":
+            for key in ("width_mult", "depth_mult", "resolution"):
+                named[f"scaling.{key}"] = getattr(self.scaling, key)
+        named.update({f"extra.{k}": v for k, v in sorted(self.extra.items())})
+        return named
 
 
 @dataclass(frozen=True)
@@ -895,8 +908,16 @@ class SearchConfig:
     """max for accuracies, min for the loss."""
     num_trials: int = 8
     """Trials to run (candidates are sampled up front with the seed, so a resumed search has the same ones)."""
+    sampler: Literal["random", "tpe", "grid"] = "random"
+    """How candidates are chosen: random draws every candidate up front from the space with the seed; tpe
+    asks Optuna's TPE for each new trial given the results so far (continuous, log and choice entries;
+    no compound scaling or FLOPs budget); grid runs every combination of the space's choice/fixed entries
+    once (num_trials must equal their number)."""
+    tpe_startup_trials: int = 10
+    """tpe: trials drawn at random before TPE models the results (Optuna's n_startup_trials)."""
     scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
-    """Early-stopping scheduler; none runs every trial to the full budget (the baseline)."""
+    """Early-stopping scheduler; none runs every trial to the full budget (the baseline). Population Based
+    Training is not offered: see docs/tuning.md for why Ray 2.60 cannot run it on Ray Train trials."""
     grace_period: int = 1
     """Epochs every trial runs before a scheduler may stop it."""
     reduction_factor: int = 3
@@ -915,6 +936,11 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _check(self.num_trials >= 1, "search.num_trials", f"must be >= 1, got {self.num_trials}")
         _check(self.grace_period >= 1, "search.grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(
+            self.tpe_startup_trials >= 1,
+            "search.tpe_startup_trials",
+            f"must be >= 1, got {self.tpe_startup_trials}",
+        )
         _check(
             self.reduction_factor >= 2,
             "search.reduction_factor",
@@ -937,13 +963,51 @@ class TuneConfig:
     """A search: ``python jobs/tune.py --config configs/tune/<search>.yaml [key=value ...]``."""
 
     recipe: str = "configs/pretrain/toy_resnet20.yaml"
-    """The pre-training recipe every trial starts from (path relative to the working directory)."""
+    """The recipe every trial starts from (path relative to the working directory): a pre-training recipe, or
+    a fine-tuning one (a recipe with a ``finetune:`` section), whose source the driver fetches once."""
     pretrain: dict[str, Any] = field(default_factory=dict)
     """Changes to that recipe shared by all trials, as a nested tree (e.g. {train: {epochs: 10}})."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """Trials, scheduler, objective."""
     space: SearchSpace = field(default_factory=SearchSpace)
     """What varies between trials."""
+
+    def __post_init__(self) -> None:
+        sampler, scaling = self.search.sampler, self.space.scaling
+        if sampler == "tpe":
+            _check(
+                scaling.mode != "compound",
+                "search.sampler",
+                "tpe cannot draw on the compound-scaling constraint surface; use sampler=random",
+            )
+            _check(
+                scaling.flops_budget_g is None,
+                "search.sampler",
+                "tpe cannot redraw candidates over space.scaling.flops_budget_g; use sampler=random",
+            )
+            for name, param in self.space.entries().items():
+                _check(
+                    param.type not in ("choice", "fixed")
+                    or all(v is None or isinstance(v, bool | int | float | str) for v in param.values),
+                    f"space.{name}.values",
+                    "tpe chooses among plain values only (numbers, strings, booleans)",
+                )
+        if sampler == "grid":
+            _check(scaling.mode != "compound", "search.sampler", "grid cannot enumerate compound scaling")
+            size = 1
+            for name, param in self.space.entries().items():
+                _check(
+                    param.type in ("choice", "fixed"),
+                    f"space.{name}.type",
+                    f"sampler=grid needs choice or fixed entries, got {param.type}",
+                )
+                size *= len(param.values) if param.type == "choice" else 1
+            _check(
+                self.search.num_trials == size,
+                "search.num_trials",
+                f"sampler=grid runs every combination of the space once: set it to {size}, got "
+                f"{self.search.num_trials}",
+            )
 
 
 # --------------------------------------------------------------------------------------------------------

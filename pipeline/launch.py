@@ -33,6 +33,7 @@ import ray.train.torch
 import torch
 
 from pipeline.config import CheckpointConfig, ConfigError, ScalingConfig, replace_fields
+from pipeline.data.loader import LoaderError
 from pipeline.errors import PipelineError
 from pipeline.specs import WorkerSpec
 from pipeline.tracking.base import MetricBuffer
@@ -324,9 +325,12 @@ class DeterministicErrorGuard(ray.train.UserCallback):
     """
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        if not worker_exceptions or any(_retryable(e) for e in worker_exceptions.values()):
+        # A damaged shard (the loader names it) fails the same way after a restart, and its peers' broken
+        # collectives would otherwise look like a lost worker: stop on it whatever the others raised.
+        data = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, LoaderError)}
+        if not data and (not worker_exceptions or any(_retryable(e) for e in worker_exceptions.values())):
             return
-        rank, error = min(worker_exceptions.items())
+        rank, error = min((data or worker_exceptions).items())
         raise DeterministicWorkerError(
             f"rank {rank} raised {type(error).__name__}: {str(error).strip()[:400]} "
             "(an error in the training code or config, not a lost worker: not retried)"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError, FinetuneConfig, PretrainConfig, dump_yaml, replace_fields, to_dict
 from pipeline.data import storage
-from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url
+from pipeline.data.manifest import Manifest, ManifestError, load_manifest, manifest_url, verify_shards
 from pipeline.publish import EXPORT_DIR, EXPORT_WEIGHTS, publish_model
 
 if TYPE_CHECKING:
@@ -90,15 +90,16 @@ def _check_resolution(cfg: PretrainConfig, arch: str) -> None:
 
     # Training's crop and validation's (FixRes) both go through the network: the smaller one must fit.
     crop = eval_sizes(cfg.data).crop
-    field, resolution = ("data.eval_crop", crop) if crop < cfg.data.resolution else ("data.resolution", cfg.data.resolution)
+    field, resolution = (
+        ("data.eval_crop", crop) if crop < cfg.data.resolution else ("data.resolution", cfg.data.resolution)
+    )
     with torch.device("meta"):
         model = build_classifier(cfg.model, num_classes=cfg.model.num_classes or 2).eval()
         try:
             model(torch.empty(1, 3, resolution, resolution))
         except RuntimeError as error:
             raise ConfigError(
-                f"{field}: {resolution} px is too small for {arch} ({str(error).splitlines()[0]}); "
-                "raise it"
+                f"{field}: {resolution} px is too small for {arch} ({str(error).splitlines()[0]}); raise it"
             ) from None
 
 
@@ -113,6 +114,12 @@ def validate(cfg: PretrainConfig) -> Validated:
         except (ManifestError, storage.StorageError, OSError, ValueError) as error:
             raise ConfigError(f"data.{field_name}: {error}") from None
     train, val = manifests["train_manifest"], manifests["val_manifest"]
+    if cfg.data.verify_shards != "off":
+        for field_name, manifest in manifests.items():
+            try:
+                verify_shards(manifest, checksum=cfg.data.verify_shards == "checksum")
+            except (ManifestError, storage.StorageError, OSError) as error:
+                raise ConfigError(f"data.{field_name}: {error}") from None
     if val.classes != train.classes:
         raise ConfigError(
             f"data.val_manifest: its classes differ from the training manifest's ({len(val.classes)} vs "

@@ -103,3 +103,32 @@ def test_unreachable_tracking_server_fails_before_ray(no_ray, toy_pretrain_manif
     assert "tracking.required=false" in err
     assert "secret" not in err
     assert "Traceback" not in err
+
+
+def test_a_truncated_or_rewritten_shard_is_refused_before_ray(
+    no_ray, toy_pretrain_manifests, tmp_path, capsys
+):
+    """A partial upload (the shard cut to half) exits 2 naming the shard before Ray starts; a shard corrupted
+    in place (same size) passes the size check and is caught by data.verify_shards=checksum."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(toy_pretrain_manifests["train"]).parent
+    damaged = tmp_path / "train"
+    shutil.copytree(source, damaged)
+    shard = sorted(damaged.glob("*.tar"))[0]
+    data = shard.read_bytes()
+    manifests = {**toy_pretrain_manifests, "train": str(damaged / "manifest.json")}
+    overrides = toy_pretrain_overrides(manifests, tmp_path)
+
+    shard.write_bytes(data[: len(data) // 2])
+    code, _, err = _run(capsys, *overrides)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"data.train_manifest: {shard} is {len(data) // 2:,} bytes but the manifest says" in err
+    assert "jobs/make_shards.py" in err and not (tmp_path / "ray_results").exists()
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    code, _, err = _run(capsys, *overrides, "data.verify_shards=checksum")
+    assert code == 2 and f"{shard} does not match its sha256" in err, err

@@ -425,6 +425,13 @@ def test_the_guard_stops_only_errors_a_restart_would_repeat():
         guard.after_exception(None, errors)  # returns: Ray Train restarts the group
     with pytest.raises(DeterministicWorkerError, match=r"rank 0 raised KeyError: 'head'.*not retried"):
         guard.after_exception(None, {0: KeyError("head"), 1: KeyError("head")})
+    # A damaged shard on rank 1: rank 0 only sees its collective break, which alone would be retried.
+    from pipeline.data.loader import LoaderError
+
+    damaged = LoaderError("s3://b/train/shard-000003.tar: tar member at byte 512 is cut short")
+    broken = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    with pytest.raises(DeterministicWorkerError, match=r"rank 1 raised LoaderError: .*shard-000003.tar"):
+        guard.after_exception(None, {0: broken, 1: damaged})
 
 
 def test_local_mode_raises_the_training_error_as_a_launch_error(tmp_path):

@@ -112,3 +112,37 @@ def load_manifest(url: str) -> Manifest:
             "`python jobs/make_shards.py --src DIR --dest URL`"
         ) from None
     return Manifest.from_json(text, url=url)
+
+
+def verify_shards(manifest: Manifest, *, checksum: bool = False) -> None:
+    """Check every shard against what the manifest recorded, before any training resource is taken: its
+    size (one stat per shard, in parallel: about a second for ImageNet's ~1,300 S3 objects), and with
+    ``checksum`` its sha256 too (reads every byte). A partial upload or a shard rewritten after the manifest
+    would otherwise fail mid-epoch, on every rank. Raises :class:`ManifestError` naming the first bad
+    shard and how to repair it."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(shard: ShardInfo) -> str | None:
+        url = storage.join(manifest.url.rsplit("/", 1)[0], shard.name)
+        info = storage.stat(url)
+        if info is None:
+            return f"{url} is missing"
+        if info.size != shard.bytes:
+            return f"{url} is {info.size:,} bytes but the manifest says {shard.bytes:,} (a partial upload?)"
+        if checksum:
+            digest = hashlib.sha256()
+            with storage.open_read(url) as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard.sha256:
+                return f"{url} does not match its sha256 in the manifest (corrupted in place?)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for message in pool.map(problem, manifest.shards):
+            if message is not None:
+                raise ManifestError(
+                    f"{message}; rewrite the split with `python jobs/make_shards.py` (same --dest) or "
+                    "restore the file"
+                )
