@@ -501,29 +501,62 @@ def _contrasting(rng: np.random.Generator, against: np.ndarray) -> np.ndarray:
     return colour
 
 
+def _object_mask(
+    name: str,
+    side: int,
+    rng: np.random.Generator,
+    *,
+    radius: tuple[float, float],
+    margin: float,
+    angle: tuple[float, float],
+    aspect: tuple[float, float],
+) -> tuple[Image.Image, float, float, float]:
+    """The labelled object's mask on the supersampled canvas: radius a random fraction of the side, centre
+    kept ``margin`` x radius from the edges, then turned and stretched; returns (mask, cx, cy, radius)."""
+    size = side * rng.uniform(*radius)
+    cx, cy = rng.uniform(size * margin, side - size * margin, size=2)
+    outline = _place(
+        _outlines()[name],
+        cx=cx,
+        cy=cy,
+        radius=size,
+        angle=rng.uniform(*angle),
+        aspect=rng.uniform(*aspect),
+    )
+    mask = Image.new("L", (side, side), 0)
+    _draw_outline(ImageDraw.Draw(mask), outline, fill=255, hole=0)
+    return mask, cx, cy, size
+
+
+def _paste(canvas: Image.Image, mask: Image.Image, texture) -> None:
+    box = mask.getbbox() or (0, 0, 1, 1)  # None only if the object is wholly outside, which margin forbids
+    canvas.paste(texture(box), box[:2], mask.crop(box))
+
+
+def _with_noise(
+    canvas: Image.Image, size: int, rng: np.random.Generator, sigma: tuple[float, float]
+) -> Image.Image:
+    """Downsample the supersampled canvas and add sensor-like Gaussian noise of a random sigma (grey levels),
+    so no two images of a flat colour are identical."""
+    small = canvas.reduce(_SUPERSAMPLE)
+    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(*sigma) * rng.standard_normal(
+        (size, size, 3), dtype=np.float32
+    )
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
 def _render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     side = size * _SUPERSAMPLE
     canvas, bg_mean = _background(rng, side)
     canvas = Image.alpha_composite(canvas.convert("RGBA"), _clutter(rng, side)).convert("RGB")
 
     # The labelled object: radius 25-40% of the image, centre kept so that at most ~15% of it leaves the frame.
-    radius = side * rng.uniform(0.25, 0.40)
-    margin = radius * 0.85
-    cx, cy = rng.uniform(margin, side - margin, size=2)
-    outline = _place(
-        _outlines()[name],
-        cx=cx,
-        cy=cy,
-        radius=radius,
-        angle=rng.uniform(0, 2 * np.pi),
-        aspect=rng.uniform(0.85, 1.15),
+    mask, cx, cy, radius = _object_mask(
+        name, side, rng, radius=(0.25, 0.40), margin=0.85, angle=(0, 2 * np.pi), aspect=(0.85, 1.15)
     )
-    mask = Image.new("L", (side, side), 0)
-    _draw_outline(ImageDraw.Draw(mask), outline, fill=255, hole=0)
     c1 = _contrasting(rng, bg_mean)
     c2 = c1 * rng.uniform(0.35, 0.75) if rng.uniform() < 0.5 else _contrasting(rng, bg_mean)
-    box = mask.getbbox() or (0, 0, 1, 1)  # None only if the object is wholly outside, which margin forbids
-    canvas.paste(_texture(rng, side, box, c1, c2), box[:2], mask.crop(box))
+    _paste(canvas, mask, lambda box: _texture(rng, side, box, c1, c2))
 
     # In 35% of images an opaque occluder (30-55% of the object's radius) covers part of its edge.
     if rng.uniform() < 0.35:
@@ -538,39 +571,20 @@ def _render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
             draw.ellipse(box, fill=colour)
         else:
             draw.rectangle(box, fill=colour)
-
-    small = canvas.reduce(_SUPERSAMPLE)
-    # Sensor-like noise, sigma 2-8 grey levels, so no two images of a flat colour are identical.
-    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(2, 8) * rng.standard_normal(
-        (size, size, 3), dtype=np.float32
-    )
-    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return _with_noise(canvas, size, rng, sigma=(2, 8))
 
 
 def _render_easy(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     """The easy setting: one large, upright object (radius 35-45%, turned by at most 17 degrees) in one
-    colour on a smooth background, with no clutter, no distractors, no occluder and faint noise. Colour and position still carry
-    no label, but the outline is plain to see: a ResNet-20 fits it in a few hundred steps."""
+    colour on a nearly flat background, with no clutter, no distractors, no occluder and faint noise. Colour
+    and position still carry no label, but the outline is plain to see: a ResNet-20 fits it in a few
+    hundred steps."""
     side = size * _SUPERSAMPLE
-    canvas, bg_mean = _background(rng, side, jitter=8)  # nearly flat
-    radius = side * rng.uniform(0.35, 0.45)
-    margin = radius * 0.9
-    cx, cy = rng.uniform(margin, side - margin, size=2)
-    outline = _place(
-        _outlines()[name],
-        cx=cx,
-        cy=cy,
-        radius=radius,
-        angle=rng.uniform(-0.3, 0.3),  # upright within +-17 degrees: no rotation invariance to learn
-        aspect=rng.uniform(0.9, 1.1),
+    canvas, bg_mean = _background(rng, side, jitter=8)
+    # Upright within +-17 degrees: no rotation invariance to learn.
+    mask, *_ = _object_mask(
+        name, side, rng, radius=(0.35, 0.45), margin=0.9, angle=(-0.3, 0.3), aspect=(0.9, 1.1)
     )
-    mask = Image.new("L", (side, side), 0)
-    _draw_outline(ImageDraw.Draw(mask), outline, fill=255, hole=0)
     fill = _contrasting(rng, bg_mean)
-    box = mask.getbbox() or (0, 0, 1, 1)
-    canvas.paste(_texture(rng, side, box, fill, fill), box[:2], mask.crop(box))  # one colour: no pattern
-    small = canvas.reduce(_SUPERSAMPLE)
-    pixels = np.asarray(small, dtype=np.float32) + rng.uniform(1, 3) * rng.standard_normal(
-        (size, size, 3), dtype=np.float32
-    )
-    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+    _paste(canvas, mask, lambda box: _texture(rng, side, box, fill, fill))  # one colour: no pattern
+    return _with_noise(canvas, size, rng, sigma=(1, 3))
