@@ -69,9 +69,10 @@ bench-train: setup
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# ASHA vs no scheduler (the full-budget baseline) on the same 8 sampled toy_resnet20 trials, one Ray instance:
-# best val/top1 and epochs each used (goal: ASHA's best >= baseline's - 0.02 with <= 35% of the epochs).
-# About 11 min on 2 CPU cores; sizes: $(PY) benchmarks/bench_tune.py --help
+# random+ASHA and TPE+ASHA (16 trials each) against the full grid of the same 16 toy_resnet20 candidates on the
+# easy embedded task, one Ray instance: best val/top1 and epochs each used (goal: the grid's best within 0.01
+# with <= 35% of the grid's epochs), and the fixed cost of starting a trial. About 12 min on 2 CPU cores;
+# sizes: $(PY) benchmarks/bench_tune.py --help; start-up cost alone: $(PY) benchmarks/bench_tune.py --startup 6
 bench-tune: setup
 	$(PY) benchmarks/bench_tune.py
 

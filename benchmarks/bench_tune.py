@@ -1,27 +1,32 @@
-"""Search benchmark (`make bench-tune`): ASHA vs no scheduler (the full-budget baseline) on the same space.
+"""Search benchmark (`make bench-tune`): random+ASHA and TPE+ASHA against the full grid, on the same candidates.
 
-Both searches run ``pipeline.search.driver.run_search`` on ``configs/tune/toy_asha.yaml`` in this process, one
-after the other on one private local Ray instance, with the **same** sampled candidates (same
-``search.seed`` and ``search.num_trials``): trial *i* is the same config in both. Each trial is a 1-worker
-Ray Train run of toy_resnet20 on a small embedded dataset generated here (32 px, ``--train-per-class`` /
-``--val-per-class`` images per class, 10 classes), tracked in a fresh sqlite MLflow store of the bench dir.
+Three searches run ``pipeline.search.driver.run_search`` on ``configs/tune/toy_asha.yaml`` in this process, one
+after the other on one private local Ray instance, over one finite space (``--lrs`` x ``--weight-decays`` x
+``--dropouts``, 16 combinations by default) on the *easy* embedded task (``toy.difficulty: easy``: a ResNet-20
+fits it within a few hundred CPU steps, so a trial's first epochs already rank it):
 
-* **none**: every trial trains ``--epochs`` epochs: its epochs used are the budget, its best objective the
-  best the space offers at that budget;
-* **asha**: ASHA (``--grace-period``, ``--reduction-factor``, ``max_t = --epochs``) stops trials early.
+* **grid**: ``search.sampler=grid``, no scheduler: every combination trains ``--epochs`` epochs. Its best
+  val/top1 is the best the space offers at that budget, its epochs the cost to beat;
+* **random+asha**: ``search.sampler=random`` with ``--trials`` trials (distinct candidates: with as many trials
+  as combinations, each combination once in a seeded order) under ASHA (``--grace-period``,
+  ``--reduction-factor``, ``max_t = --epochs``);
+* **tpe+asha**: ``search.sampler=tpe`` (Optuna's TPE via Tune's OptunaSearch; ``--tpe-startup`` random trials
+  first) with ``--trials`` trials over the same choices, under the same ASHA.
 
-The goal: ASHA finds the same or an equally good config with <= 35% of the epochs. "Equally good" here:
-ASHA's best objective >= the baseline's best - ``--tolerance`` (absolute val/top1). Reported beside it:
-whether ASHA's best trial is the baseline's best trial, what ASHA's pick scored at the full budget in the
-baseline (its regret), the run-to-run noise measured on the epochs both runs trained of the same trial (the
-same config and seed, so any difference is nondeterminism), and the binomial standard error of an accuracy
-on the val set (differences below it are not meaningful on this data).
+The goal (issue #17): a searcher finds the grid's best val/top1 within ``--tolerance`` (0.01) with at most 35%
+of the grid's epochs. Reported beside it: each searcher's pick trained to the full budget (the grid ran that
+exact config: its regret), the binomial standard error of an accuracy on the val set, and the fixed cost of
+starting a trial (from each trial's MLflow record: child run start -> first epoch's metrics, less that epoch's
+own seconds).
 
-    python benchmarks/bench_tune.py [--trials 8] [--epochs 8] [--reduction-factor 3] [--grace-period 1]
-        [--concurrent 2] [--train-per-class 80] [--val-per-class 20] [--tolerance 0.02] [--tracking sqlite|none]
+    python benchmarks/bench_tune.py [--trials 16] [--epochs 9] [--reduction-factor 3] [--grace-period 1]
+        [--concurrent 2] [--train-per-class 30] [--val-per-class 20] [--tolerance 0.01] [--only grid,random,tpe]
+    python benchmarks/bench_tune.py --startup 6 [--ray-defaults]   # only the start-up cost: 6 one-epoch trials
 
-The bench dir (``--workdir``) is wiped first, so nothing resumes. Exit 0 whether or not the goal is met (it
-is a measurement); a search that fails raises.
+``--ray-defaults`` runs trials with Ray Train's default settings (worker polls every 2 s, the preemption
+watcher on) instead of the search's local-instance settings (pipeline.search.tuner.LOCAL_TRIAL_ENV): the
+"before" of the start-up cut. The bench dir (``--workdir``) is wiped first, so nothing resumes. Exit 0 whether
+or not the goal is met (it is a measurement); a search that fails raises.
 """
 
 from __future__ import annotations
@@ -40,37 +45,52 @@ from typing import Any
 
 GOAL_FRACTION = 0.35
 CONFIG = "configs/tune/toy_asha.yaml"
-SCHEDULERS = ("asha", "none")
-"""Run order: ASHA first, so any warm-up cost of the first search (imports, first worker start) is ASHA's."""
+SEARCHES = ("random", "tpe", "grid")
+"""Run order: the searchers first, so any warm-up cost of the first search (imports, first workers) is theirs."""
+RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=8, help="search.num_trials (the same candidates in both)")
-    p.add_argument("--epochs", type=int, default=8, help="pretrain.train.epochs: max_t and the baseline's")
+    p.add_argument("--trials", type=int, default=16, help="trials of random+asha and tpe+asha")
+    p.add_argument("--epochs", type=int, default=9, help="pretrain.train.epochs: max_t and the grid's budget")
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--tpe-startup", type=int, default=6, help="search.tpe_startup_trials")
     p.add_argument("--concurrent", type=int, default=2, help="search.max_concurrent_trials (1 CPU each)")
-    p.add_argument("--seed", type=int, default=0, help="search.seed (candidate sampler)")
-    p.add_argument("--train-per-class", type=int, default=80, help="embedded train images per class (10)")
-    p.add_argument("--val-per-class", type=int, default=20, help="embedded val images per class")
-    p.add_argument("--batch-size", type=int, default=50, help="pretrain.data.batch_size_per_worker")
-    p.add_argument("--tolerance", type=float, default=0.02, help="'equally good': absolute val/top1")
+    p.add_argument("--seed", type=int, default=0, help="search.seed (random order, TPE)")
+    p.add_argument("--lrs", type=_floats, default=[5e-4, 2e-3, 8e-3, 3.2e-2], help="optim.lr choices")
+    p.add_argument("--weight-decays", type=_floats, default=[1e-4, 1e-2], help="optim.weight_decay choices")
+    p.add_argument("--dropouts", type=_floats, default=[0.0, 0.4], help="model.dropout choices")
     p.add_argument(
-        "--tracking",
-        choices=["sqlite", "none"],
-        default="sqlite",
-        help="sqlite: MLflow store in the bench dir (as the job runs); none: untracked, no per-epoch noise",
+        "--train-per-class", type=int, default=30, help="easy embedded train images per class (10)"
     )
+    p.add_argument("--val-per-class", type=int, default=20, help="easy embedded val images per class")
+    p.add_argument("--batch-size", type=int, default=25, help="pretrain.data.batch_size_per_worker")
+    p.add_argument("--tolerance", type=float, default=0.01, help="'found the grid's best': absolute val/top1")
+    p.add_argument("--only", default=",".join(SEARCHES), help="searches to run (grid is needed for the goal)")
+    p.add_argument("--startup", type=int, default=0, help="only measure trial start-up: N one-epoch trials")
+    p.add_argument("--ray-defaults", action="store_true", help="trials with Ray Train's default settings")
     p.add_argument("--workdir", default=".cache/bench/tune", help="bench dir, wiped first")
     p.add_argument("--json", default=".cache/bench/tune.json")
     args = p.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
+    if set(args.only) - set(SEARCHES):
+        p.error(f"--only: choose among {', '.join(SEARCHES)}")
     if args.trials < 1 or args.epochs < 1 or args.concurrent < 1:
         p.error("--trials, --epochs and --concurrent must be >= 1")
     cpus = os.cpu_count() or 1
     if args.concurrent > cpus:
         p.error(f"--concurrent {args.concurrent}: 1 CPU per trial worker, this machine has {cpus} CPUs")
     return args
+
+
+def grid_size(args: argparse.Namespace) -> int:
+    return len(args.lrs) * len(args.weight_decays) * len(args.dropouts)
 
 
 def other_raylets() -> list[str]:
@@ -82,15 +102,16 @@ def other_raylets() -> list[str]:
     return [line.strip() for line in out.splitlines() if "/raylet" in line and "--node_id" in line]
 
 
-def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, str]:
+def prepare_data(args: argparse.Namespace, work: Path, *, tiny: bool) -> dict[str, str]:
     from pipeline.config import ShardConfig, ToyConfig
     from pipeline.data.prepare import prepare_embedded
 
     toy = ToyConfig(
         root=str(work / "raw"),
+        difficulty="easy",
         image_size=32,
-        pretrain_train_per_class=args.train_per_class,
-        pretrain_val_per_class=args.val_per_class,
+        pretrain_train_per_class=8 if tiny else args.train_per_class,
+        pretrain_val_per_class=4 if tiny else args.val_per_class,
         downstream_train_max=4,
         downstream_val_per_class=2,
         downstream_imbalance=2.0,
@@ -99,55 +120,75 @@ def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return prepare_embedded(toy, shards).manifests["pretrain"]
 
 
-def overrides_for(
-    args: argparse.Namespace, scheduler: str, manifests: dict[str, str], work: Path
-) -> list[str]:
-    uri = f"sqlite:///{(work / 'mlflow.db').resolve()}" if args.tracking == "sqlite" else "none"
+def _choice(values: list[float]) -> str:
+    return f"{{type: choice, values: [{', '.join(repr(v) for v in values)}]}}"
+
+
+def overrides_for(args: argparse.Namespace, search: str, manifests: dict[str, str], work: Path) -> list[str]:
+    sampler, scheduler = {"grid": ("grid", "none"), "random": ("random", "asha"), "tpe": ("tpe", "asha")}[
+        search
+    ]
+    trials = grid_size(args) if search == "grid" else args.trials
     return [
         f"pretrain.data.train_manifest={manifests['train']}",
         f"pretrain.data.val_manifest={manifests['val']}",
         f"pretrain.data.batch_size_per_worker={args.batch_size}",
+        "pretrain.data.loader_workers=0",  # 300 images an epoch: a loader process costs more than it saves
         f"pretrain.train.epochs={args.epochs}",
-        f"pretrain.tracking.uri={uri}",
+        f"pretrain.tracking.uri=sqlite:///{(work / 'mlflow.db').resolve()}",
         "pretrain.tracking.experiment=bench-tune",
         "pretrain.tracking.register_as=bench-tune-best",
+        f"space.weight_decay={_choice(args.weight_decays)}",
+        f"space.dropout={_choice(args.dropouts)}",
+        f"space.extra={{optim.lr: {_choice(args.lrs)}}}",
+        f"search.sampler={sampler}",
         f"search.scheduler={scheduler}",
-        f"search.num_trials={args.trials}",
+        f"search.num_trials={trials}",
+        f"search.tpe_startup_trials={args.tpe_startup}",
         f"search.grace_period={args.grace_period}",
         f"search.reduction_factor={args.reduction_factor}",
         f"search.max_concurrent_trials={args.concurrent}",
         f"search.seed={args.seed}",
-        f"search.name=bench-{scheduler}",
+        f"search.name=bench-{search}",
         f"search.storage_path={(work / 'ray_results').resolve()}",
     ]
 
 
-def histories(outcome: Any, metric: str) -> dict[int, list[float]]:
-    """Per trial, the objective of each epoch it trained (from its MLflow child run; {} when untracked)."""
-    if not outcome.tracking_uri:
-        return {}
-    from pipeline.tracking.mlflow_tracker import metric_history
+def startup_costs(outcome: Any) -> list[float]:
+    """Per trial, seconds from its child run's creation (Tune started the trial) to its first epoch's metrics
+    reaching the driver, less that epoch's own ``system/epoch_s``: the fixed cost of starting a trial."""
+    from mlflow import MlflowClient
 
-    return {
-        t.index: [v for _, v in metric_history(outcome.tracking_uri, t.run_id, metric)]
-        for t in outcome.trials
-        if t.run_id is not None
-    }
+    client = MlflowClient(outcome.tracking_uri)
+    costs = []
+    for trial in outcome.trials:
+        if trial.run_id is None:
+            continue
+        run = client.get_run(trial.run_id)
+        first = min(client.get_metric_history(trial.run_id, "val/top1"), key=lambda m: m.step, default=None)
+        epoch = client.get_metric_history(trial.run_id, "system/epoch_s")
+        if first is None or not epoch:
+            continue
+        epoch_s = min(epoch, key=lambda m: m.step).value
+        costs.append((first.timestamp - run.info.start_time) / 1000 - epoch_s)
+    return costs
 
 
-def run_one(
-    args: argparse.Namespace, scheduler: str, manifests: dict[str, str], work: Path
-) -> dict[str, Any]:
+def key_of(overrides: dict[str, Any]) -> tuple:
+    return (overrides["optim.lr"], overrides["optim.weight_decay"], overrides["model.dropout"])
+
+
+def run_one(args: argparse.Namespace, search: str, manifests: dict[str, str], work: Path) -> dict[str, Any]:
     from pipeline.config import TuneConfig, load_config
     from pipeline.search.driver import run_search
 
-    overrides = overrides_for(args, scheduler, manifests, work)
+    overrides = overrides_for(args, search, manifests, work)
     cfg = load_config(TuneConfig, CONFIG, overrides)
     started = time.perf_counter()
     outcome = run_search(cfg)
     wall = time.perf_counter() - started
     return {
-        "scheduler": scheduler,
+        "search": search,
         "overrides": overrides,
         "wall_s": wall,
         "name": outcome.name,
@@ -165,178 +206,123 @@ def run_one(
         "best_objective": outcome.best_objective,
         "epochs_used": outcome.epochs_used,
         "epochs_budget": outcome.epochs_budget,
-        "fraction": outcome.epochs_used / outcome.epochs_budget,
-        "best_config_path": outcome.best_config_path,
-        "tracking_uri": outcome.tracking_uri,
-        "histories": histories(outcome, cfg.search.metric),
+        "startup_s": startup_costs(outcome),
     }
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties averaged."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            ranks[order[position]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation; None when undefined (fewer than 3 points or a constant side)."""
-    if len(xs) < 3:
-        return None
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if vx == 0 or vy == 0 else cov / math.sqrt(vx * vy)
-
-
-def rungs(args: argparse.Namespace) -> list[int]:
-    """ASHA's decision epochs below max_t (grace_period x reduction_factor^k)."""
-    out, epoch = [], args.grace_period
-    while epoch < args.epochs:
-        out.append(epoch)
-        epoch *= args.reduction_factor
-    return out
-
-
-def rung_fidelity(args: argparse.Namespace, base: dict[str, Any]) -> dict[int, float | None]:
-    """Per ASHA rung, how well the baseline's objective at that epoch ranks the trials as their full-budget
-    best does (Spearman): what ASHA decides on vs what it should predict. Needs the per-epoch histories."""
-    full = {t["index"]: t["best"] for t in base["trials"] if t["best"] is not None}
-    out: dict[int, float | None] = {}
-    for epoch in rungs(args):
-        pairs = [
-            (h[epoch - 1], full[i]) for i, h in base["histories"].items() if len(h) >= epoch and i in full
-        ]
-        out[epoch] = spearman([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
-    return out
+def analyse(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    grid = runs.get("grid")
+    verdict: dict[str, Any] = {"tolerance": args.tolerance, "goal_fraction": GOAL_FRACTION, "searchers": {}}
+    if grid is None:
+        return verdict
+    full = {key_of(t["overrides"]): t["best"] for t in grid["trials"]}
+    best_full = max(v for v in full.values() if v is not None)
+    verdict["grid_best"] = best_full
+    verdict["grid_epochs"] = grid["epochs_used"]
+    p, n_val = best_full, 10 * args.val_per_class
+    verdict["val_images"] = n_val
+    verdict["val_binomial_se_at_grid_best"] = math.sqrt(max(p * (1 - p), 0.0) / n_val)
+    winners = {k for k, v in full.items() if v is not None and v >= best_full - args.tolerance}
+    verdict["grid_configs_within_tolerance"] = len(winners)
+    for search in ("random", "tpe"):
+        run = runs.get(search)
+        if run is None:
+            continue
+        pick = next(t for t in run["trials"] if t["index"] == run["best_index"])
+        pick_full = full.get(key_of(pick["overrides"]))
+        fraction = run["epochs_used"] / grid["epochs_used"]
+        found = run["best_objective"] >= best_full - args.tolerance
+        verdict["searchers"][search] = {
+            "best": run["best_objective"],
+            "delta_vs_grid_best": run["best_objective"] - best_full,
+            "found_grid_best": found,
+            "epochs": run["epochs_used"],
+            "fraction_of_grid_epochs": fraction,
+            "pick": pick["overrides"],
+            "pick_at_full_budget": pick_full,
+            "pick_regret": None if pick_full is None else best_full - pick_full,
+            "distinct_configs": len({key_of(t["overrides"]) for t in run["trials"]}),
+            "goal_met": bool(found and fraction <= GOAL_FRACTION),
+        }
+    return verdict
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def analyse(args: argparse.Namespace, asha: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    same_candidates = [t["overrides"] for t in asha["trials"]] == [t["overrides"] for t in base["trials"]]
-    base_by_index = {t["index"]: t for t in base["trials"]}
-    # What ASHA's pick reaches when trained to the full budget (the baseline ran exactly that config).
-    pick_full = base_by_index[asha["best_index"]]["best"]
-    regret = None if pick_full is None else base["best_objective"] - pick_full
-    # Run-to-run noise: the same trial (config and seed) on the epochs both runs trained.
-    diffs = []
-    for index, values in asha["histories"].items():
-        other = base["histories"].get(index, [])
-        diffs += [abs(a - b) for a, b in zip(values, other, strict=False)]
-    noise = {
-        "matched_epochs": len(diffs),
-        "max_abs_diff": max(diffs) if diffs else None,
-        "mean_abs_diff": sum(diffs) / len(diffs) if diffs else None,
-    }
-    n_val = 10 * args.val_per_class
-    p = base["best_objective"]
-    val_se = math.sqrt(max(p * (1 - p), 0.0) / n_val)
-    equally_good = asha["best_objective"] >= base["best_objective"] - args.tolerance
-    cheap = asha["fraction"] <= GOAL_FRACTION
-    return {
-        "same_candidates": same_candidates,
-        "asha_fraction": asha["fraction"],
-        "asha_epochs_vs_baseline_used": asha["epochs_used"] / base["epochs_used"],
-        "delta_best": asha["best_objective"] - base["best_objective"],
-        "tolerance": args.tolerance,
-        "equally_good": equally_good,
-        "same_best_trial": asha["best_index"] == base["best_index"],
-        "asha_pick_full_budget_best": pick_full,
-        "asha_pick_regret": regret,
-        "baseline_best_stopped_by_asha": next(
-            t["stop_reason"] for t in asha["trials"] if t["index"] == base["best_index"]
-        ).startswith("scheduler"),
-        "noise": noise,
-        "rung_fidelity_spearman": rung_fidelity(args, base),
-        "val_images": n_val,
-        "val_binomial_se_at_baseline_best": val_se,
-        "goal_fraction": GOAL_FRACTION,
-        "goal_met": bool(same_candidates and equally_good and cheap),
-    }
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
-def report(
-    args: argparse.Namespace, runs: dict[str, dict[str, Any]], verdict: dict[str, Any], command: str
-) -> None:
-    asha, base = runs["asha"], runs["none"]
+def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], verdict: dict[str, Any]) -> None:
     print(
-        f"\n{args.trials} trials of toy_resnet20 (1 CPU worker each, {args.concurrent} at a time), up to "
-        f"{args.epochs} epochs, {args.train_per_class}/{args.val_per_class} train/val images per class x 10, "
-        f"32 px, batch {args.batch_size}; ASHA grace_period={args.grace_period}, "
-        f"reduction_factor={args.reduction_factor}, max_t={args.epochs}; search.seed={args.seed}; "
-        f"tracking: {args.tracking}; {os.cpu_count()} CPU cores"
+        f"\nspace: lr {args.lrs} x weight_decay {args.weight_decays} x dropout {args.dropouts} "
+        f"({grid_size(args)} combinations); toy_resnet20 on the easy embedded task ({args.train_per_class}/"
+        f"{args.val_per_class} train/val images per class x 10, 32 px, batch {args.batch_size}), 1 CPU worker "
+        f"per trial, {args.concurrent} at a time, up to {args.epochs} epochs; ASHA grace_period="
+        f"{args.grace_period}, reduction_factor={args.reduction_factor}; TPE startup {args.tpe_startup}; "
+        f"search.seed={args.seed}; {os.cpu_count()} CPU cores"
     )
     print(
-        "\n| scheduler | trials | epochs used / budget | fraction | best objective | best trial | wall s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|"
+        "\n| search | trials | distinct configs | epochs | of the grid's | best val/top1 | its pick at the full "
+        "budget | trial start-up s (mean) | wall s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
-    for r in (asha, base):
+    grid_epochs = verdict.get("grid_epochs")
+    for search in SEARCHES:
+        run = runs.get(search)
+        if run is None:
+            continue
+        info = verdict["searchers"].get(search, {})
+        share = f"{run['epochs_used'] / grid_epochs:.0%}" if grid_epochs else "n/a"
         print(
-            f"| {r['scheduler']} | {len(r['trials'])} | {r['epochs_used']} / {r['epochs_budget']} | "
-            f"{r['fraction']:.0%} | {r['best_objective']:.4f} | {r['best_index']} | {r['wall_s']:.0f} |"
+            f"| {search}{'' if search == 'grid' else '+asha'} | {len(run['trials'])} | "
+            f"{len({key_of(t['overrides']) for t in run['trials']})} | {run['epochs_used']} | {share} | "
+            f"{run['best_objective']:.4f} | {_fmt(info.get('pick_at_full_budget'))} | "
+            f"{_fmt(_mean(run['startup_s']), '.1f')} | {run['wall_s']:.0f} |"
         )
-    keys = sorted({k for t in base["trials"] for k in t["overrides"]})
+    if "grid_best" not in verdict:
+        return
     print(
-        "\n| trial | "
-        + " | ".join(keys)
-        + " | none: epochs | none: best | asha: epochs | asha: best | asha: stop |"
+        f"\ngrid best {verdict['grid_best']:.4f} (binomial SE {verdict['val_binomial_se_at_grid_best']:.3f} on "
+        f"{verdict['val_images']} val images; {verdict['grid_configs_within_tolerance']} of {grid_size(args)} "
+        f"configs within {args.tolerance:g} of it)"
     )
-    print("|" + "---:|" * (len(keys) + 5) + "---|")
-    asha_by_index = {t["index"]: t for t in asha["trials"]}
-    for t in base["trials"]:
-        a = asha_by_index[t["index"]]
-        values = " | ".join(_fmt(t["overrides"].get(k), ".3g") for k in keys)
-        marks = ("*" if t["index"] == base["best_index"] else "") + (
-            "+" if t["index"] == asha["best_index"] else ""
-        )
+    for search, info in verdict["searchers"].items():
+        met = "met" if info["goal_met"] else "NOT met"
         print(
-            f"| {t['index']}{marks} | {values} | {t['epochs']} | {_fmt(t['best'])} | {a['epochs']} | "
-            f"{_fmt(a['best'])} | {a['stop_reason']} |"
+            f"goal ({search}+asha: grid best within {args.tolerance:g} with <= {GOAL_FRACTION:.0%} of the grid's "
+            f"epochs): {met}: best {info['best']:.4f} (delta {info['delta_vs_grid_best']:+.4f}), "
+            f"{info['fraction_of_grid_epochs']:.1%} of the grid's epochs, pick {info['pick']} regret "
+            f"{_fmt(info['pick_regret'])}"
         )
-    print("(* the baseline's best trial, + ASHA's best trial)")
-    noise = verdict["noise"]
-    noise_text = (
-        f"max |diff| {noise['max_abs_diff']:.4f} (mean {noise['mean_abs_diff']:.4f}) over "
-        f"{noise['matched_epochs']} epochs both runs trained of the same trial"
-        if noise["matched_epochs"]
-        else "not measured (untracked)"
-    )
+
+
+def startup_only(args: argparse.Namespace, manifests: dict[str, str], work: Path) -> dict[str, Any]:
+    """N one-epoch trials one at a time (no contention between trials) on tiny data."""
+    from pipeline.config import TuneConfig, load_config
+    from pipeline.search.driver import run_search
+
+    overrides = overrides_for(args, "random", manifests, work)
+    overrides += [
+        "pretrain.train.epochs=1",
+        "pretrain.optim.warmup_epochs=0",
+        "search.scheduler=none",
+        f"search.num_trials={args.startup}",
+        "search.max_concurrent_trials=1",
+        "search.name=bench-startup",
+        "space.weight_decay={type: loguniform, low: 1.0e-4, high: 1.0e-2}",  # never runs out of candidates
+    ]
+    started = time.perf_counter()
+    outcome = run_search(load_config(TuneConfig, CONFIG, overrides))
+    wall = time.perf_counter() - started
+    costs = startup_costs(outcome)
     print(
-        f"\nsame candidates in both searches: {verdict['same_candidates']}; run-to-run noise: {noise_text}; "
-        f"binomial SE of val/top1 at {base['best_objective']:.3f} on {verdict['val_images']} val images: "
-        f"{verdict['val_binomial_se_at_baseline_best']:.3f}"
+        f"\ntrial start-up ({'Ray Train defaults' if args.ray_defaults else 'search settings'}), {args.startup} "
+        f"one-epoch trials one at a time: {', '.join(f'{c:.1f}' for c in costs)} s; mean "
+        f"{_fmt(_mean(costs), '.1f')} s; search wall {wall:.0f} s ({wall / args.startup:.1f} s per trial)"
     )
-    print(
-        f"ASHA's pick (trial {asha['best_index']}) at the full budget in the baseline: "
-        f"{_fmt(verdict['asha_pick_full_budget_best'])} (regret {_fmt(verdict['asha_pick_regret'])}); "
-        f"the baseline's best trial {base['best_index']} was "
-        f"{'STOPPED EARLY' if verdict['baseline_best_stopped_by_asha'] else 'not stopped'} by ASHA"
-    )
-    fidelity = verdict["rung_fidelity_spearman"]
-    if fidelity:
-        cells = ", ".join(f"epoch {e}: {_fmt(r, '+.2f')}" for e, r in fidelity.items())
-        print(f"ASHA rungs, Spearman of the baseline's objective there vs its full-budget best: {cells}")
-    met = "met" if verdict["goal_met"] else "NOT met"
-    print(
-        f"\ngoal (ASHA best >= baseline best - {args.tolerance:g} with <= {GOAL_FRACTION:.0%} of the epochs): "
-        f"{met}: ASHA best {asha['best_objective']:.4f} vs baseline {base['best_objective']:.4f} "
-        f"(delta {verdict['delta_best']:+.4f}, equally good: {verdict['equally_good']}), same best trial: "
-        f"{verdict['same_best_trial']}, epochs {asha['epochs_used']}/{asha['epochs_budget']} = "
-        f"{verdict['asha_fraction']:.1%} (<= {GOAL_FRACTION:.0%}: {verdict['asha_fraction'] <= GOAL_FRACTION})"
-    )
-    print(f"command: {command}")
+    return {"startup_s": costs, "wall_s": wall, "ray_defaults": args.ray_defaults}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("RAY_ADDRESS", None)  # a private local instance, never a cluster that happens to be set
+    if args.ray_defaults:
+        os.environ.update(RAY_DEFAULTS)  # inherited by every Ray process started below: the trials keep them
     running = other_raylets()
     if running:
         print(
@@ -352,33 +340,43 @@ def main(argv: list[str] | None = None) -> int:
             "searches share the CPUs with it and the timings are not comparable",
             file=sys.stderr,
         )
+    load = os.getloadavg()[0]
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
-    manifests = prepare_data(args, work)
+    manifests = prepare_data(args, work, tiny=bool(args.startup))
     data_s = time.perf_counter() - t0
 
     import ray
 
     # As pipeline.launch.ensure_ray starts it, with the dashboard (Train's placement-group cleaner needs its
-    # state API, or a trial stopped by ASHA leaks its placement group) and one CPU per trial worker.
+    # state API, or a trial stopped by ASHA leaks its placement group) and a CPU for the trials' drivers.
     t1 = time.perf_counter()
-    ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1", log_to_driver=False
+    )
     ray_init_s = time.perf_counter() - t1
     runs: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {}
     try:
-        for scheduler in SCHEDULERS:
-            print(
-                f"[{time.perf_counter() - t0:5.0f} s] search with scheduler={scheduler} ...", file=sys.stderr
-            )
-            runs[scheduler] = run_one(args, scheduler, manifests, work)
+        if args.startup:
+            results = startup_only(args, manifests, work)
+        else:
+            for search in [s for s in SEARCHES if s in args.only]:
+                print(f"[{time.perf_counter() - t0:5.0f} s] search {search} ...", file=sys.stderr)
+                runs[search] = run_one(args, search, manifests, work)
     finally:
         ray.shutdown()
-    verdict = analyse(args, runs["asha"], runs["none"])
-    report(args, runs, verdict, command)
+    verdict = {}
+    if not args.startup:
+        verdict = analyse(args, runs)
+        report(args, runs, verdict)
     total_s = time.perf_counter() - t0
-    print(f"data {data_s:.0f} s, ray.init {ray_init_s:.0f} s, total {total_s:.0f} s")
+    print(
+        f"data {data_s:.0f} s, ray.init {ray_init_s:.0f} s, total {total_s:.0f} s; 1-minute load at start "
+        f"{load:.2f}\ncommand: {command}"
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
@@ -387,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": {k: v for k, v in vars(args).items() if k != "json"},
                 "config": CONFIG,
                 "cpu_count": os.cpu_count(),
+                "load_1min_at_start": load,
                 "runs": runs,
+                "startup": results,
                 "verdict": verdict,
                 "data_s": data_s,
                 "ray_init_s": ray_init_s,

@@ -266,18 +266,32 @@ def search_ray(local_ray):
     """The session's local Ray instance, for every search in this module (each trial a 1-worker Train run)."""
 
 
+def _search_recipe(tree: dict) -> dict:
+    """A search's recipe tree with the search's shared changes applied."""
+    return deep_merge(read_yaml(REPO / tree["recipe"]), tree.get("pretrain", {}))
+
+
 def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Path) -> dict:
     """The same rule for a search: its recipe shrunk as above (one Ray worker per trial), 2 trials at a
     time, searched resolutions scaled like the recipe's. The FLOPs budget stays as shipped: it is still
     applied to every candidate (at 32 px all pass; scaled by px^2 it would reject most, since the fixed
-    head's share of the MACs grows as the image shrinks)."""
-    recipe = deep_merge(read_yaml(REPO / tree["recipe"]), tree.get("pretrain", {}))
-    overrides = smoke_overrides(
-        recipe, manifests=manifests, workdir=workdir, ray_workers=1, epochs=SEARCH_SMOKE_EPOCHS
-    )
+    head's share of the MACs grows as the image shrinks). A two-stage fine-tuning search trains 2 epochs
+    (one per stage), and a searched head-stage length is held to the first."""
+    recipe = _search_recipe(tree)
+    two_stage = recipe.get("finetune", {}).get("strategy") == "two_stage"
+    epochs = max(SEARCH_SMOKE_EPOCHS, 2) if two_stage else SEARCH_SMOKE_EPOCHS
+    overrides = smoke_overrides(recipe, manifests=manifests, workdir=workdir, ray_workers=1, epochs=epochs)
     changes = {f"pretrain.{key}": value for key, value in overrides.items()}
+    head_epochs = tree.get("space", {}).get("extra", {}).get("finetune.head_epochs")
+    if two_stage and head_epochs is not None:
+        # The whole space.extra: a dotted override path cannot name a key that holds dots, and a mapping
+        # given for space.extra replaces it.
+        held = {"type": "choice", "values": [overrides["finetune.head_epochs"]]}
+        changes["space.extra"] = {**tree["space"]["extra"], "finetune.head_epochs": held}
+    grace_period = tree.get("search", {}).get("grace_period", 1)
     changes.update(
         {
+            "search.grace_period": min(grace_period, epochs),  # a rung within the shrunk budget
             "search.num_trials": 2,
             "search.max_concurrent_trials": 2,
             "search.storage_path": str(workdir / "tune"),
@@ -293,7 +307,14 @@ def search_smoke_overrides(tree: dict, *, manifests: dict[str, str], workdir: Pa
 
 
 def _search_argv(path: Path, tiny_data, workdir: Path, *extra: str) -> list[str]:
-    overrides = search_smoke_overrides(read_yaml(path), manifests=tiny_data["pretrain"], workdir=workdir)
+    """A search recipe's smoke command line; a fine-tuning search runs on the downstream task, its source
+    registered by the shipped pre-training recipe that makes it (as a user would run them)."""
+    tree = read_yaml(path)
+    recipe = _search_recipe(tree)
+    if "finetune" in recipe:
+        _ensure_source(recipe["finetune"]["source"], tiny_data, workdir)
+    manifests = tiny_data["downstream" if "finetune" in recipe else "pretrain"]
+    overrides = search_smoke_overrides(tree, manifests=manifests, workdir=workdir)
     return ["--config", str(path), *_argv(overrides), *extra]
 
 
@@ -313,7 +334,12 @@ def test_searches_run_elsewhere_really_are():
     ids=_ids([p for p in TUNE if p.stem not in RUN_ELSEWHERE]),
 )
 def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, capsys):
+    """Each shipped search with its own sampler (random, tpe), scheduler (asha, hyperband, median) and
+    space, on a pre-training or a fine-tuning recipe."""
+    from mlflow import MlflowClient
+
     from jobs.tune import main
+    from pipeline.config import TuneConfig
 
     code = main(_search_argv(path, tiny_data, workdir))
     out = capsys.readouterr()
@@ -323,6 +349,26 @@ def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, cap
     register_as = read_yaml(path).get("pretrain", {}).get("tracking", {}).get("register_as")
     if register_as:
         assert f"registered {register_as} version" in out.out
+
+    # The parent run records the sampler and scheduler that ran, and each trial's values come from the space.
+    shipped = load_config(TuneConfig, path)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(shipped.pretrain["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], max_results=50)
+    parent = next(r for r in runs if r.info.run_name == shipped.search.name and r.info.status == "FINISHED")
+    assert parent.data.params["search.sampler"] == shipped.search.sampler
+    assert parent.data.params["search.scheduler"] == shipped.search.scheduler
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(c.data.params["trial.index"]) for c in children) == [0, 1]
+    for name, entry in shipped.space.extra.items():
+        values = [c.data.params[name] for c in children]
+        if entry.type in ("loguniform", "uniform"):
+            assert all(entry.low <= float(v) <= entry.high for v in values), (name, values)
+            assert values[0] != values[1], f"{name}: both trials drew {values[0]}"
+    if "finetune" in _search_recipe(read_yaml(path)):
+        # The source was fetched once by the driver (its lineage on the parent) and every trial started from it.
+        assert any(key.startswith("source.") for key in parent.data.tags), parent.data.tags
+        assert (Path(parent.data.tags["pipeline.search_url"]) / "source" / "model.pt").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------

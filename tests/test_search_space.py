@@ -20,7 +20,9 @@ from pipeline.config import (
 from pipeline.search.space import (
     apply_overrides,
     compound_product,
+    corner_candidates,
     gflops,
+    grid_candidates,
     sample_candidates,
     sample_compound,
 )
@@ -88,7 +90,7 @@ def test_candidates_are_deterministic_and_in_range():
 
 def test_an_unknown_extra_field_names_it():
     space = SearchSpace(extra={"optim.learning_rate": ParamSpace(type="fixed", values=[0.1])})
-    with pytest.raises(ConfigError, match="space.extra.optim.learning_rate: no such pretrain field"):
+    with pytest.raises(ConfigError, match="space.extra.optim.learning_rate: no such recipe field"):
         sample_candidates(BASE, space, num_trials=1, seed=0, num_classes=10)
 
 
@@ -108,6 +110,8 @@ def test_shipped_searches_load():
         ("space.weight_decay.low=0", "space.weight_decay.low: loguniform needs low > 0"),
         ("space.scaling.mode=compund", "space.scaling.mode: must be one of"),
         ("pretrain.optim.weight_decay=2", "optim.weight_decay: must be in [0, 1)"),
+        ("search.grace_period=7", "search.grace_period: 7 epochs, more than a trial trains (train.epochs=6)"),
+        ("search.sampler=grid", "space.weight_decay.type: sampler=grid needs choice or fixed entries"),
     ],
 )
 def test_tune_job_bad_config_exits_2(override, message, capsys):
@@ -134,3 +138,125 @@ def test_each_scheduler_counts_epochs(scheduler, expected):
     assert type(built).__name__ == expected
     if scheduler != "none":
         assert built._time_attr == "training_iteration"  # epochs, not the median rule's default seconds
+
+
+# --------------------------------------------------------------------------------------------------------
+# Samplers: random (distinct candidates), grid (every combination once), tpe (Optuna's TPE through Tune's
+# OptunaSearch, drawing with the same candidate builder). No Ray cluster: the searcher is driven directly.
+
+FINITE = SearchSpace(
+    weight_decay=ParamSpace(type="choice", values=[1e-4, 1e-3]),
+    dropout=ParamSpace(type="fixed", values=[0.1]),
+    extra={"optim.lr": ParamSpace(type="choice", values=[0.01, 0.1, 1.0])},
+)
+
+
+def test_grid_runs_every_combination_once_in_order():
+    candidates = grid_candidates(BASE, FINITE).overrides
+    assert [(c["optim.weight_decay"], c["optim.lr"]) for c in candidates] == [
+        (1e-4, 0.01),
+        (1e-4, 0.1),
+        (1e-4, 1.0),
+        (1e-3, 0.01),
+        (1e-3, 0.1),
+        (1e-3, 1.0),
+    ]
+    assert all(c["model.dropout"] == 0.1 for c in candidates)
+
+
+def test_random_candidates_are_distinct_and_a_finite_space_runs_out():
+    candidates = sample_candidates(BASE, FINITE, num_trials=6, seed=3, num_classes=10).overrides
+    keys = {(c["optim.weight_decay"], c["optim.lr"]) for c in candidates}
+    assert len(keys) == 6, "6 trials over a 6-combination space: each combination once"
+    with pytest.raises(ConfigError, match="search.num_trials: the space holds only 6 distinct candidates"):
+        sample_candidates(BASE, FINITE, num_trials=7, seed=3, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["search.sampler=grid", "search.num_trials=3"],
+            "space.weight_decay.type: sampler=grid needs choice",
+        ),
+        (
+            [
+                "search.sampler=grid",
+                "space.weight_decay={type: choice, values: [1.0e-4, 1.0e-3]}",
+                "space.dropout={type: fixed, values: [0.0]}",
+                "space.extra={}",
+                "search.num_trials=3",
+            ],
+            "search.num_trials: sampler=grid runs every combination of the space once: set it to 2, got 3",
+        ),
+        (["search.sampler=tpe", "space.scaling.mode=compound"], "search.sampler: tpe cannot draw"),
+        (["search.sampler=tpe", "space.scaling.flops_budget_g=1.0"], "search.sampler: tpe cannot redraw"),
+        (
+            ["search.sampler=tpe", "space.dropout={type: choice, values: [[0.1]]}"],
+            "space.dropout.values: tpe",
+        ),
+        (["search.sampler=bayes"], "search.sampler: must be one of"),
+        (["search.scheduler=pbt"], "search.scheduler: must be one of"),
+    ],
+)
+def test_sampler_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(TuneConfig, "configs/tune/toy_asha.yaml", overrides)
+
+
+def test_corner_candidates_reach_every_bound_and_choice():
+    space = SearchSpace(extra={"optim.name": ParamSpace(type="choice", values=["sgd", "adamw", "sgd"])})
+    corners = corner_candidates(BASE, space)
+    assert {c["optim.weight_decay"] for c in corners} == {1e-4, 1e-2}
+    assert {c["model.dropout"] for c in corners} == {0.0, 0.5}
+    assert {c["optim.name"] for c in corners} == {"sgd", "adamw"}
+
+
+def test_tpe_draws_candidates_of_the_space_through_tunes_optuna_searcher():
+    from pipeline.config import SearchConfig
+    from pipeline.search.tuner import _search_alg, trial_key
+
+    space = SearchSpace(
+        dropout=ParamSpace(type="fixed", values=[0.2]),
+        extra={
+            "optim.lr": ParamSpace(type="loguniform", low=1e-3, high=1e-1),
+            "optim.name": ParamSpace(type="choice", values=["sgd", "adamw"]),
+        },
+    )
+    search = SearchConfig(sampler="tpe", seed=5, tpe_startup_trials=2)
+
+    def run() -> list[dict]:
+        searcher = _search_alg(search, base=BASE, space=space)
+        drawn = []
+        for number in range(6):
+            trial_id = f"abc12_{number:05d}"
+            index, overrides = trial_key(searcher.suggest(trial_id))
+            assert index == number
+            apply_overrides(BASE, overrides)  # a valid pretrain config
+            # The objective favours a low lr: TPE's later suggestions are modelled on these results.
+            searcher.on_trial_complete(
+                trial_id, {"val/top1": -overrides["optim.lr"], "training_iteration": 1}
+            )
+            drawn.append(overrides)
+        return drawn
+
+    drawn = run()
+    assert drawn == run(), "seeded: the same results give the same suggestions"
+    for overrides in drawn:
+        assert 1e-4 <= overrides["optim.weight_decay"] <= 1e-2 and overrides["model.dropout"] == 0.2
+        assert 1e-3 <= overrides["optim.lr"] <= 1e-1 and overrides["optim.name"] in ("sgd", "adamw")
+    assert len({o["optim.lr"] for o in drawn}) == 6
+
+
+def test_a_finetune_recipe_searches_as_a_finetune_config():
+    from pipeline.config import FinetuneConfig
+    from pipeline.search.driver import base_config
+
+    cfg = load_config(TuneConfig, "configs/tune/toy_finetune_median.yaml")
+    base = base_config(cfg)
+    assert isinstance(base, FinetuneConfig) and base.finetune.strategy == "two_stage"
+    (overrides,) = sample_candidates(base, cfg.space, num_trials=1, seed=0, num_classes=4).overrides
+    tuned = apply_overrides(base, overrides)
+    assert isinstance(tuned, FinetuneConfig)
+    assert tuned.finetune.class_weights == overrides["finetune.class_weights"]
+    assert tuned.finetune.head_epochs in (1, 2, 3) and 0.01 <= tuned.finetune.backbone_lr_factor <= 1.0

@@ -1,6 +1,10 @@
 """The search job's driver: validate and sample, open the MLflow parent run, run the trials on Ray Tune,
 then settle every trial's status, summarize, write the best config and register the best model.
 
+The recipe may be a pre-training or a fine-tuning one (a ``finetune:`` section): for fine-tuning, the driver
+fetches the source weights once (a registry may be reachable only from here), takes the architecture from
+them, and stages them in the search's storage, where every trial's workers read them.
+
 Statuses are set here, on the driver side, after ``Tuner.fit()``: a trial stopped by the scheduler has its
 processes killed, so it cannot close its own MLflow run. Each child run ends FINISHED with a ``stop_reason``
 tag (``completed``, ``early_stopping``, ``scheduler:asha`` ...) or FAILED with ``stop_reason=error``.
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import (
     ConfigError,
+    FinetuneConfig,
     PretrainConfig,
     TuneConfig,
     deep_merge,
@@ -44,7 +49,13 @@ from pipeline.pretrain import (
     validate_model,
 )
 from pipeline.publish import publish_model
-from pipeline.search.space import Candidates, apply_overrides, sample_candidates
+from pipeline.search.space import (
+    Candidates,
+    apply_overrides,
+    corner_candidates,
+    grid_candidates,
+    sample_candidates,
+)
 
 if TYPE_CHECKING:
     from pipeline.lifecycle import RunTarget, TrackedRun
@@ -52,6 +63,8 @@ if TYPE_CHECKING:
 
 SEARCH_MARKER = "pipeline_search.json"
 BEST_CONFIG = "best_config.yaml"
+SOURCE_DIR = "source"
+"""Fine-tuning searches: the source weights (``source/model.pt``), staged once for every trial."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,10 @@ class SearchOutcome:
 
 
 def base_config(cfg: TuneConfig) -> PretrainConfig:
-    """The recipe with the search's shared changes (``pretrain:``) applied and validated."""
-    return from_dict(PretrainConfig, deep_merge(read_yaml(cfg.recipe), cfg.pretrain))
+    """The recipe with the search's shared changes (``pretrain:``) applied and validated: a
+    :class:`FinetuneConfig` when the recipe has a ``finetune:`` section, else a :class:`PretrainConfig`."""
+    tree = deep_merge(read_yaml(cfg.recipe), cfg.pretrain)
+    return from_dict(FinetuneConfig if "finetune" in tree else PretrainConfig, tree)
 
 
 def _objective_best(values: list[float], mode: str) -> float | None:
@@ -194,10 +209,13 @@ class SearchPlan:
     """The recipe with the search's changes, manifest paths made absolute."""
     validated: Validated
     candidates: Candidates
+    """The trials' candidates (random, grid); empty for tpe, which chooses each when its trial starts."""
     name: str
     storage_path: str
     search_url: str
     previous_run_id: str | None
+    source: Any | None = None
+    """Fine-tuning: the fetched source (:class:`pipeline.finetune.Source`), staged for the trials by run()."""
 
     @property
     def train_storage(self) -> str:
@@ -226,20 +244,36 @@ class SearchJob:
             raise ConfigError(
                 "pretrain.scaling.num_workers: a search's trials need Ray Train workers; use >= 1"
             )
+        source = None
+        if isinstance(base, FinetuneConfig) and base.finetune.strategy != "scratch":
+            base, source = _fetch_source(base)
+        if cfg.search.scheduler != "none" and cfg.search.grace_period > base.train.epochs:
+            raise ConfigError(
+                f"search.grace_period: {cfg.search.grace_period} epochs, more than a trial trains "
+                f"(train.epochs={base.train.epochs}); lower it"
+            )
         validated = validate(base)
         base = localize(base)
-        candidates = sample_candidates(
-            base,
-            cfg.space,
-            num_trials=cfg.search.num_trials,
-            seed=cfg.search.seed,
-            num_classes=validated.num_classes,
-        )
-        for index, overrides in enumerate(candidates.overrides):
+        sampler = cfg.search.sampler
+        if sampler == "grid":
+            candidates = grid_candidates(base, cfg.space)
+        elif sampler == "random":
+            candidates = sample_candidates(
+                base,
+                cfg.space,
+                num_trials=cfg.search.num_trials,
+                seed=cfg.search.seed,
+                num_classes=validated.num_classes,
+            )
+        else:  # tpe: values are chosen as trials start; the space's bounds and every choice are checked now
+            candidates = Candidates(overrides=[])
+        checked = candidates.overrides if sampler != "tpe" else corner_candidates(base, cfg.space)
+        for index, overrides in enumerate(checked):
             try:
                 validate_model(apply_overrides(base, overrides))
             except ConfigError as error:
-                raise ConfigError(f"space (trial {index}): {error}") from None
+                where = f"trial {index}" if sampler != "tpe" else f"values {overrides}"
+                raise ConfigError(f"space ({where}): {error}") from None
         storage_path = absolute_storage(cfg.search.storage_path or storage.default_location("tune"))
         name = resolve_run_name(
             storage_path,
@@ -270,6 +304,7 @@ class SearchJob:
             storage_path=storage_path,
             search_url=search_url,
             previous_run_id=previous.get("parent_run_id"),
+            source=source,
         )
 
     def target(self, plan: SearchPlan) -> RunTarget:
@@ -286,6 +321,8 @@ class SearchJob:
         if tracker.run_id is not None:
             log_datasets(tracker, plan.validated)
             tracker.set_tags({"pipeline.job": "tune", "pipeline.search_url": plan.search_url})
+            if plan.source is not None:
+                tracker.set_tags(plan.source.lineage)
             tracker.log_params(flatten_params({"search": to_dict(cfg.search), "space": to_dict(cfg.space)}))
             tracker.log_params({"recipe": cfg.recipe, "search.max_epochs": plan.base.train.epochs})
             tracker.log_text(dump_yaml(cfg), "config/search.yaml")
@@ -297,7 +334,9 @@ class SearchJob:
         )
         return run_trials(
             spec=TrialSpec(base=plan.base, train_storage=plan.train_storage),
-            candidates=plan.candidates.overrides,
+            candidates=plan.candidates.overrides if cfg.search.sampler != "tpe" else None,
+            space=cfg.space,
+            source_url=_stage_source(plan),
             search=cfg.search,
             max_epochs=plan.base.train.epochs,
             storage_path=plan.storage_path,
@@ -373,9 +412,10 @@ class SearchJob:
         name, candidates = plan.name, plan.candidates
         best_trial = next(t for t in results if t.index == best.index)
         best_cfg = apply_overrides(plan.base, best.overrides)
+        job = "finetune" if isinstance(best_cfg, FinetuneConfig) else "pretrain"
         best_cfg_text = (
             f"# Best config of search {name}: trial {best.index}, best {cfg.search.metric} = {best.best:.4f}\n"
-            f"# Use it as is: python jobs/pretrain.py --config <this file>\n" + dump_yaml(best_cfg)
+            f"# Use it as is: python jobs/{job}.py --config <this file>\n" + dump_yaml(best_cfg)
         )
         best_config_url = storage.join(plan.search_url, BEST_CONFIG)
         storage.write_bytes_atomic(best_config_url, best_cfg_text.encode())
@@ -447,6 +487,35 @@ class SearchJob:
             tracking_uri=tracking_uri,
             registration=registration,
         )
+
+
+def _fetch_source(base: FinetuneConfig) -> tuple[FinetuneConfig, Any]:
+    """A fine-tuning recipe's source weights, fetched once by the driver, and the recipe with the source's
+    architecture (as the fine-tuning job does it); ConfigError naming ``finetune.source``."""
+    from pipeline.finetune import fetch_source, resolve_architecture
+    from pipeline.tracking.mlflow_tracker import resolve_tracking_uri
+
+    uri = None if (base.tracking.uri or "").lower() == "none" else resolve_tracking_uri(base.tracking.uri)
+    fetched = fetch_source(base, tracking_uri=uri)
+    return resolve_architecture(base, fetched), fetched
+
+
+def _stage_source(plan: SearchPlan) -> str | None:
+    """Fine-tuning: the source weights written once under the search directory, where every trial's workers
+    (on any node) read them; a resumed search writes them again (the same bytes)."""
+    if plan.source is None:
+        return None
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(plan.source.payload, buffer)
+    from pipeline.publish import EXPORT_WEIGHTS
+
+    directory = storage.join(plan.search_url, SOURCE_DIR)
+    storage.makedirs(directory)
+    url = storage.join(directory, EXPORT_WEIGHTS)
+    storage.write_bytes_atomic(url, buffer.getvalue())
+    return url
 
 
 class SearchFailedError(PipelineError, RuntimeError):

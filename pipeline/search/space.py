@@ -1,17 +1,22 @@
-"""Candidate configs of a search, sampled up front in the driver: no Ray here.
+"""Candidate configs of a search: no Ray and no Optuna here.
 
-Sampling every candidate before Tune starts (seeded) has three uses: a resumed search has exactly the same
-trials; the compound-scaling constraint and the FLOPs budget are enforced on concrete configs, each built and
-measured by the profiler before anything runs; and a bad space fails in seconds, before Ray.
+``search.sampler=random`` samples every candidate before Tune starts (seeded), which has three uses: a
+resumed search has exactly the same trials; the compound-scaling constraint and the FLOPs budget are enforced
+on concrete configs, each built and measured by the profiler before anything runs; and a bad space fails in
+seconds, before Ray. ``grid`` enumerates every combination of a finite space, also up front. ``tpe`` chooses
+each trial's values when Tune asks for the trial (pipeline.search.tuner), through the same
+:func:`draw_overrides` with Optuna's suggestions as the draw, so all three build candidates alike.
 
-A candidate is a flat ``{dotted pretrain field: value}`` dict, applied on top of the recipe with the same
+A candidate is a flat ``{dotted recipe field: value}`` dict, applied on top of the recipe with the same
 override machinery as ``key=value`` on the command line, so any config field can be searched.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,30 +80,51 @@ def sample_compound(space: ScalingSpace, rng: random.Random) -> tuple[float, flo
     )
 
 
-def _scaling_overrides(base: PretrainConfig, space: ScalingSpace, rng: random.Random) -> dict[str, Any]:
-    if space.mode == "none":
-        return {}
-    if space.mode == "direct":
-        return {
-            "model.name": DIRECT_MODEL,
-            "model.scaling": {
-                "width_mult": round(sample_value(space.width_mult, rng), 4),
-                "depth_mult": round(sample_value(space.depth_mult, rng), 4),
-            },
-            "data.resolution": int(sample_value(space.resolution, rng)),
-        }
-    alpha, beta, gamma = sample_compound(space, rng)
-    # Resolution scales by gamma^phi from the recipe's (224 for B0), as depth and width do from B0's.
-    resolution = round(base.data.resolution * gamma**space.phi)
-    return {
-        "model.name": COMPOUND_MODEL,
-        "model.scaling": {"phi": space.phi, "alpha": alpha, "beta": beta, "gamma": gamma},
-        "data.resolution": resolution,
+Draw = Callable[[str, ParamSpace], Any]
+"""``draw(name, entry)``: one value of the space entry ``space.<name>`` (random, grid or Optuna's TPE)."""
+
+
+def draw_overrides(
+    base: PretrainConfig, space: SearchSpace, draw: Draw, *, rng: random.Random | None = None
+) -> dict[str, Any]:
+    """One candidate: every entry of ``space`` drawn with ``draw`` (in :meth:`SearchSpace.entries` order)
+    and turned into the recipe fields it sets. Compound scaling solves its constraint with ``rng`` (random
+    sampling only: the config refuses it for the other samplers)."""
+    overrides: dict[str, Any] = {
+        "optim.weight_decay": draw("weight_decay", space.weight_decay),
+        "model.dropout": draw("dropout", space.dropout),
     }
+    scaling = space.scaling
+    if scaling.mode == "direct":
+        overrides.update(
+            {
+                "model.name": DIRECT_MODEL,
+                "model.scaling": {
+                    "width_mult": round(draw("scaling.width_mult", scaling.width_mult), 4),
+                    "depth_mult": round(draw("scaling.depth_mult", scaling.depth_mult), 4),
+                },
+                "data.resolution": int(draw("scaling.resolution", scaling.resolution)),
+            }
+        )
+    elif scaling.mode == "compound":
+        assert rng is not None, "compound scaling is drawn by the random sampler"
+        alpha, beta, gamma = sample_compound(scaling, rng)
+        # Resolution scales by gamma^phi from the recipe's (224 for B0), as depth and width do from B0's.
+        overrides.update(
+            {
+                "model.name": COMPOUND_MODEL,
+                "model.scaling": {"phi": scaling.phi, "alpha": alpha, "beta": beta, "gamma": gamma},
+                "data.resolution": round(base.data.resolution * gamma**scaling.phi),
+            }
+        )
+    for dotted, param in sorted(space.extra.items()):
+        overrides[dotted] = draw(f"extra.{dotted}", param)
+    return overrides
 
 
 def apply_overrides(base: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
-    """``base`` with flat dotted overrides applied and the result validated (ConfigError names the field)."""
+    """``base`` with flat dotted overrides applied and the result validated (ConfigError names the field);
+    of ``base``'s own type, so a fine-tuning recipe stays one."""
     tree = to_dict(base)
     for dotted, value in overrides.items():
         node = tree
@@ -108,9 +134,9 @@ def apply_overrides(base: PretrainConfig, overrides: dict[str, Any]) -> Pretrain
                 raise ConfigError(f"space.extra.{dotted}: {part} is not a config section")
             node = node[part]
         if leaf not in node:
-            raise ConfigError(f"space.extra.{dotted}: no such pretrain field")
+            raise ConfigError(f"space.extra.{dotted}: no such recipe field")
         node[leaf] = value
-    return from_dict(PretrainConfig, tree)
+    return from_dict(type(base), tree)
 
 
 def gflops(cfg: PretrainConfig, *, num_classes: int) -> float:
@@ -126,23 +152,28 @@ def gflops(cfg: PretrainConfig, *, num_classes: int) -> float:
 def sample_candidates(
     base: PretrainConfig, space: SearchSpace, *, num_trials: int, seed: int, num_classes: int
 ) -> Candidates:
-    """``num_trials`` validated candidates; with a FLOPs budget, over-budget ones are rejected and redrawn."""
+    """``num_trials`` validated, distinct candidates drawn at random; with a FLOPs budget, over-budget ones
+    are rejected and redrawn. A candidate equal to an earlier one is redrawn too (only a space of choices can
+    repeat one), so a space of N combinations searched with N trials runs each once, in a seeded order."""
     rng = random.Random(seed)
     result = Candidates(overrides=[])
     budget = space.scaling.flops_budget_g
+    repeats = 0
     while len(result.overrides) < num_trials:
         if len(result.rejected) > MAX_ATTEMPTS_PER_TRIAL * num_trials:
             raise ConfigError(
                 f"space.scaling.flops_budget_g: {len(result.rejected)} candidates in a row exceed "
                 f"{budget} GFLOPs; raise the budget or shrink the scaling ranges"
             )
-        overrides: dict[str, Any] = {
-            "optim.weight_decay": sample_value(space.weight_decay, rng),
-            "model.dropout": sample_value(space.dropout, rng),
-        }
-        overrides.update(_scaling_overrides(base, space.scaling, rng))
-        for dotted, param in sorted(space.extra.items()):
-            overrides[dotted] = sample_value(param, rng)
+        overrides = draw_overrides(base, space, lambda _, param: sample_value(param, rng), rng=rng)
+        if overrides in result.overrides:
+            repeats += 1
+            if repeats > MAX_ATTEMPTS_PER_TRIAL * num_trials:
+                raise ConfigError(
+                    f"search.num_trials: the space holds only {len(result.overrides)} distinct candidates "
+                    f"(found in {repeats + len(result.overrides)} draws), fewer than {num_trials}"
+                )
+            continue
         cfg = apply_overrides(base, overrides)
         if budget is not None:
             cost = gflops(cfg, num_classes=num_classes)
@@ -151,3 +182,32 @@ def sample_candidates(
                 continue
         result.overrides.append(overrides)
     return result
+
+
+def grid_candidates(base: PretrainConfig, space: SearchSpace) -> Candidates:
+    """Every combination of the space's choice/fixed entries once, the first entry varying slowest."""
+    entries = space.entries()
+    options = [param.values if param.type == "choice" else param.values[:1] for param in entries.values()]
+    overrides = []
+    for combination in itertools.product(*options):
+        chosen = dict(zip(entries, combination, strict=True))
+        overrides.append(draw_overrides(base, space, lambda name, _, chosen=chosen: chosen[name]))
+    return Candidates(overrides=overrides)
+
+
+def corner_candidates(base: PretrainConfig, space: SearchSpace) -> list[dict[str, Any]]:
+    """Candidates that reach every bound of the continuous entries and every value of the choices (the first
+    at the lows, the second at the highs, choices cycling): what a sampler that picks values later (tpe) may
+    produce is checked against the recipe before anything runs."""
+    entries = space.entries()
+    count = max([2, *(len(p.values) for p in entries.values() if p.type == "choice")])
+
+    def corner(index: int):
+        def draw(_: str, param: ParamSpace) -> Any:
+            if param.type in ("loguniform", "uniform"):
+                return param.low if index % 2 == 0 else param.high
+            return param.values[index % len(param.values)] if param.type == "choice" else param.values[0]
+
+        return draw
+
+    return [draw_overrides(base, space, corner(index)) for index in range(count)]

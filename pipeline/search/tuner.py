@@ -9,22 +9,44 @@ Tune for almost no CPU (``{"cpu": 0.01}``); Tune does not count the Train worker
 
 A deterministic Train run name per trial means a trial restarted after the search driver died resumes from
 its own last epoch checkpoint rather than from scratch.
+
+Samplers: random and grid candidates are a list made up front (a ``grid_search`` over them, in trial order);
+tpe is Tune's ``OptunaSearch`` with a define-by-run space that draws through the same
+:func:`pipeline.search.space.draw_overrides`, so every trial's config has the same shape,
+``{"trial": {"index", "overrides"}}`` (a tpe trial's index is Optuna's trial number: the order TPE chose
+them in).
+
+The fixed cost of a trial, measured on 2 cores (benchmarks/bench_tune.py --startup): three fresh processes
+each import torch in turn (the trial's driver, Ray Train's controller, the worker), beside four light Ray
+helpers (Tune's report queue, Train's placement-group cleaner, sync and preemption-watcher actors). On a
+local instance the trials skip the preemption watcher (it watches for other nodes being drained: a one-node
+instance has none) and poll their workers every 0.5 s instead of 2 s (each start and end waits for a poll).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 
-from pipeline.config import SearchConfig
+from pipeline.config import ParamSpace, PretrainConfig, SearchConfig, SearchSpace
 from pipeline.launch import TRACKED_KEY, ensure_ray, launch, log_points, pretrain_worker
-from pipeline.search.space import apply_overrides
+from pipeline.search.space import apply_overrides, draw_overrides
 from pipeline.specs import TrialSpec, WorkerSpec
 
 TRIAL_TAG = "tune.trial_id"
+LOCAL_TRIAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Ray Train settings of trials on a local one-node instance (see the module docstring); a value already in
+the environment wins. Ray Train hands these variables from the trial's process to its controller."""
+
+
+def trial_key(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(index, overrides) of a trial from its Tune config."""
+    return int(config["trial"]["index"]), dict(config["trial"]["overrides"])
 
 
 @dataclass(frozen=True)
@@ -39,17 +61,20 @@ class TrialResult:
     error: str | None
 
 
-def trial_fn(config: dict[str, Any], spec: TrialSpec) -> None:
+def trial_fn(config: dict[str, Any], spec: TrialSpec, source_url: str | None, env: dict[str, str]) -> None:
     """One trial: apply its candidate to the base config and train with DDP. It never talks to MLflow: its
-    reports reach Tune through ``TuneReportCallback``, and :class:`TrialRuns` logs them on the driver."""
+    reports reach Tune through ``TuneReportCallback``, and :class:`TrialRuns` logs them on the driver.
+    ``source_url``: a fine-tuning search's staged source weights; ``env``: Ray Train settings for the run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     trial_id = tune.get_context().get_trial_id()
-    index, overrides = config["trial"]["index"], config["trial"]["overrides"]
+    index, overrides = trial_key(config)
     cfg = apply_overrides(spec.base, overrides)
     launch(
         pretrain_worker,
-        spec=WorkerSpec(config=cfg, run_name=f"trial-{index:03d}"),
+        spec=WorkerSpec(config=cfg, run_name=f"trial-{index:03d}", source_url=source_url),
         scaling=cfg.scaling,
         checkpoint=cfg.checkpoint,
         storage_path=spec.train_storage,
@@ -79,7 +104,7 @@ class TrialRuns(tune.Callback):
             from pipeline.provenance import redact_uri
             from pipeline.tracking.mlflow_tracker import TolerantTracker, child_tracker
 
-            index, overrides = trial.config["trial"]["index"], trial.config["trial"]["overrides"]
+            index, overrides = trial_key(trial.config)
             child = child_tracker(
                 tracking_uri=self.tracking_uri,
                 parent_run_id=self.parent_run_id,
@@ -129,10 +154,59 @@ def _scheduler(search: SearchConfig, *, max_epochs: int):
     return FIFOScheduler()
 
 
+class TpeSpace:
+    """Optuna's define-by-run space for ``OptunaSearch``: each entry of the search space suggested by TPE
+    under its ``space.`` name, then the candidate built from those values and Optuna's trial number as the
+    index (returned as the trial's config)."""
+
+    def __init__(self, base: PretrainConfig, space: SearchSpace) -> None:
+        self.base, self.space = base, space
+
+    def __call__(self, optuna_trial) -> dict[str, Any]:
+        def draw(name: str, param: ParamSpace) -> Any:
+            if param.type in ("loguniform", "uniform"):
+                return optuna_trial.suggest_float(name, param.low, param.high, log=param.type == "loguniform")
+            if param.type == "choice":
+                return optuna_trial.suggest_categorical(name, param.values)
+            return param.values[0]
+
+        overrides = draw_overrides(self.base, self.space, draw)
+        return {"trial": {"index": optuna_trial.number, "overrides": overrides}}
+
+
+def _search_alg(search: SearchConfig, *, base: PretrainConfig, space: SearchSpace):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(
+        space=TpeSpace(base, space),
+        metric=search.metric,
+        mode=search.mode,
+        sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.tpe_startup_trials),
+    )
+
+
+def _trial_env() -> dict[str, str]:
+    """:data:`LOCAL_TRIAL_ENV` on a local one-node instance; nothing on a cluster (Ray's defaults)."""
+    import ray
+
+    local = not os.environ.get("RAY_ADDRESS") and len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    return dict(LOCAL_TRIAL_ENV) if local else {}
+
+
+def _trial_id_of(path: str) -> str:
+    """A trial's id from its directory name (``trial_fn_<id>_<n>_...``; the id is ``<hex>_<00007>`` for a
+    list of candidates, 8 hex digits with a search algorithm), for a trial that reported nothing."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+(?:_|$)", path.rstrip("/").rsplit("/", 1)[-1])
+    return found.group(1) if found else path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def run_trials(
     *,
     spec: TrialSpec,
-    candidates: list[dict[str, Any]],
+    candidates: list[dict[str, Any]] | None,
+    space: SearchSpace,
+    source_url: str | None,
     search: SearchConfig,
     max_epochs: int,
     storage_path: str,
@@ -141,23 +215,31 @@ def run_trials(
     scaling: Any,
     runs: TrialRuns | None = None,
 ) -> list[TrialResult]:
-    """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``; ``runs`` records
-    the trials in MLflow from this process (None: tracking is off)."""
+    """Run (or, with ``resume``, continue) the Tune experiment ``{storage_path}/{name}``: the given
+    ``candidates`` in order, or (None) ``search.num_trials`` trials chosen by TPE from ``space``. ``runs``
+    records the trials in MLflow from this process (None: tracking is off)."""
     ensure_ray(scaling, concurrent=search.max_concurrent_trials, trial_drivers=True)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), {"cpu": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, spec=spec, source_url=source_url, env=_trial_env()), {"cpu": 0.01}
+    )
     path = f"{storage_path.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        trials = [{"index": index, "overrides": overrides} for index, overrides in enumerate(candidates)]
+        if candidates is None:
+            param_space, search_alg = None, _search_alg(search, base=spec.base, space=space)
+        else:
+            trials = [{"index": index, "overrides": overrides} for index, overrides in enumerate(candidates)]
+            param_space, search_alg = {"trial": tune.grid_search(trials)}, None
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(trials)},
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=search.metric,
                 mode=search.mode,
+                search_alg=search_alg,
                 scheduler=_scheduler(search, max_epochs=max_epochs),
-                num_samples=1,
+                num_samples=search.num_trials if candidates is None else 1,
                 max_concurrent_trials=search.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
@@ -172,7 +254,8 @@ def run_trials(
     grid = tuner.fit()
     results = []
     for result in grid:
-        trial = result.config["trial"]
+        trial_id = str((result.metrics or {}).get("trial_id") or _trial_id_of(result.path))
+        index, overrides = trial_key(result.config)
         frame = result.metrics_dataframe
         history: list[tuple[int, float]] = []
         if frame is not None and search.metric in frame:
@@ -182,11 +265,9 @@ def run_trials(
             ]
         results.append(
             TrialResult(
-                index=int(trial["index"]),
-                trial_id=str(
-                    (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1]
-                ),
-                overrides=dict(trial["overrides"]),
+                index=index,
+                trial_id=trial_id,
+                overrides=overrides,
                 history=history,
                 last=dict(result.metrics or {}),
                 # The whole text (Ray's wrapper lines and the trial's own error); the driver shortens it.
