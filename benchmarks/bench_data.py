@@ -1,25 +1,35 @@
-"""Data-loading benchmark (`make bench-data`): img/s of four ways to feed a training loop, in one run.
+"""Data-loading benchmark (`make bench-data`): img/s of every way to feed a training loop, side by side.
 
-(a) single-process decode + augment on the same JPEG bytes held in memory: the per-core limit;
-(b) our shard loader from local shards with N loader workers;
-(c) our shard loader from an S3-compatible endpoint (moto server on 127.0.0.1, started here);
-(d) torchvision ImageFolder + DataLoader with N workers on the same JPEG files (PIL, the classic baseline).
+All rows do RandomResizedCrop(R) + flip on the same JPEG bytes:
 
-Every path does RandomResizedCrop(R) + flip. (b)/(c) return uint8 batches and normalize on the device;
-(d) returns normalized float32 from the workers, as the torchvision reference scripts do. The machine is
-shared and noisy, so only ratios measured in the same run are meaningful.
+* **single-process limit**: decode + augment of the JPEGs held in memory, one process, one thread: what one
+  core can do (``torchvision.io.decode_jpeg`` + v2 on uint8, as the loader does);
+* **loader, local shards** (``pipeline.data.loader``) at N = 1 .. max loader workers; ratio to N x the limit;
+* the **compared paths** (``COMPARED``) at N = 1 and max: our loader from an S3-compatible endpoint (a moto
+  server on 127.0.0.1, started here, in this process), torchvision ``ImageFolder`` + ``DataLoader`` on the
+  same files (PIL, float output as in torchvision's reference scripts), and a row for the Ray Data path,
+  ``n/a`` until ``data.backend: ray_data`` exists: register its reader in ``COMPARED``.
 
-    python benchmarks/bench_data.py [--images 1200] [--image-size 256] [--resolution 224] [--workers N]
+Timing: every row is timed once per round, rounds back to back (3 by default); a row's img/s is the median
+over rounds and a ratio the median of the per-round ratios, so both sides of a ratio ran seconds apart under
+the same machine load. A loader row builds its loader, runs one untimed epoch (workers start, caches warm),
+then times ``--epochs`` epochs: the steady state of a training run, which keeps its loaders for all epochs
+(start-up, ~0.1-0.5 s per run, is printed apart). The machine's load average is printed with the results.
+
+    python benchmarks/bench_data.py [--images N] [--workers N] [--worker-counts 1,2,4] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,38 +39,156 @@ from torchvision import transforms as T
 from pipeline.config import DataConfig, ToyConfig
 from pipeline.data import storage
 from pipeline.data.loader import build_loader
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.data.shards import ShardOptions, write_shards
 from pipeline.data.toy import generate
 from pipeline.data.transforms import decode, train_transform
 
+WORK = Path(".cache/bench")
+SAMPLES_PER_SHARD = 100
 
-def _rate(fn, images_per_call: int, repeats: int) -> float:
-    """Median img/s over repeats (after one warm-up call)."""
-    fn()
-    rates = []
-    for _ in range(repeats):
+
+@dataclass(frozen=True)
+class Timed:
+    images: int
+    seconds: float
+    startup_s: float = 0.0
+    """Loader rows: from building the loader to its first batch (worker start-up and the first fill)."""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+Run = Callable[[], Timed]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every path reads: the same JPEGs as files, as local shards and as shards behind S3."""
+
+    jpegs: list[bytes]
+    train_dir: Path
+    local: Manifest
+    remote: Manifest
+    args: argparse.Namespace
+
+    def data_config(self, workers: int) -> DataConfig:
+        return DataConfig(
+            resolution=self.args.resolution,
+            batch_size_per_worker=self.args.batch_size,
+            loader_workers=workers,
+            shuffle_buffer=500,
+            min_crop_scale=0.08,
+        )
+
+
+def single_process_limit(setup: Setup) -> Run:
+    augment = train_transform(setup.args.resolution)
+    for data in setup.jpegs[:64]:  # warm-up: allocator, first-call dispatch
+        augment(decode(data))
+
+    def run() -> Timed:
         t0 = time.perf_counter()
-        fn()
-        rates.append(images_per_call / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for data in setup.jpegs:
+            augment(decode(data))
+        return Timed(len(setup.jpegs), time.perf_counter() - t0)
+
+    return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1200, help="training images (10 classes)")
-    p.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
-    p.add_argument("--resolution", type=int, default=224, help="crop fed to the network")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="loader workers N")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=3, help="epochs per timed loader run (amortizes start-up)")
-    p.add_argument("--json", default=".cache/bench/data.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    work = Path(".cache/bench")
+def _timed_epochs(batches: Callable[[int], object], *, epochs: int) -> Timed:
+    """Epoch 0 untimed (start-up), then ``epochs`` timed ones; ``batches(epoch)`` iterates one epoch."""
+    t0 = time.perf_counter()
+    iterator = iter(batches(0))
+    next(iterator)
+    startup = time.perf_counter() - t0
+    for _ in iterator:
+        pass
+    images, t1 = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for x, _ in batches(epoch):
+            images += len(x)
+    return Timed(images, time.perf_counter() - t1, startup)
+
+
+def shard_loader(manifest: Manifest) -> Callable[[Setup, int], Run | None]:
+    def build(setup: Setup, workers: int) -> Run:
+        def run() -> Timed:
+            loader = build_loader(manifest, setup.data_config(workers), train=True)
+
+            def epoch(e: int):
+                loader.set_epoch(e)
+                return loader
+
+            return _timed_epochs(epoch, epochs=setup.args.epochs)
+
+        return run
+
+    return build
+
+
+def s3_loader(setup: Setup, workers: int) -> Run:
+    return shard_loader(setup.remote)(setup, workers)
+
+
+def image_folder(setup: Setup, workers: int) -> Run:
+    folder = datasets.ImageFolder(
+        str(setup.train_dir),
+        transform=T.Compose(
+            [
+                T.RandomResizedCrop(setup.args.resolution),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
+
+    def run() -> Timed:
+        loader = torch.utils.data.DataLoader(
+            folder,
+            batch_size=setup.args.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            persistent_workers=True,  # as ours: a training run keeps its workers for all epochs
+        )
+        return _timed_epochs(lambda _epoch: loader, epochs=setup.args.epochs)
+
+    return run
+
+
+def ray_data(setup: Setup, workers: int) -> Run | None:
+    """The loader with ``data.backend: ray_data``: not implemented yet, so this row prints n/a."""
+    return None
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A path measured against our loader from local shards at the same number of workers."""
+
+    name: str
+    build: Callable[[Setup, int], Run | None]
+    """One timed call at N workers, or None where the path is not available (the row prints n/a)."""
+    ours_over_it: bool
+    """The ratio printed: ours / this path (a baseline to beat) instead of this path / ours."""
+    goal: float | None = None
+
+
+COMPARED = [
+    Compared("loader, S3 endpoint (moto)", s3_loader, ours_over_it=False, goal=0.85),
+    Compared("ImageFolder + DataLoader (PIL)", image_folder, ours_over_it=True, goal=1.5),
+    Compared("Ray Data (data.backend: ray_data)", ray_data, ours_over_it=False),
+]
+LOADER_GOAL = 0.9  # the loader at N = 1 against the single-process limit
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Setup, Callable[[], None]]:
+    """Generate the JPEGs, shard them locally, copy the shards behind a moto S3 server on 127.0.0.1."""
+    tag = f"{args.images}x{args.image_size}"
     toy = ToyConfig(
-        root=str(work / "toy"),
+        root=str(WORK / f"toy-{tag}"),
         image_size=args.image_size,
         pretrain_train_per_class=args.images // 10,
         pretrain_val_per_class=1,
@@ -68,18 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         downstream_imbalance=1.0,
         downstream_val_per_class=1,
     )
-    train_dir = generate(toy).split_dir("pretrain", "train")
-    local = write_shards(
-        train_dir, str(work / "shards"), ShardOptions(samples_per_shard=100, workers=2), progress=False
-    ).manifest
-    n = local.num_samples
-
-    import logging
+    cores = os.cpu_count() or 1
+    train_dir = generate(toy, workers=min(cores, 16)).split_dir("pretrain", "train")
+    shards_dir = WORK / f"shards-{tag}"
+    options = ShardOptions(samples_per_shard=SAMPLES_PER_SHARD, workers=min(cores, 16))
+    local = write_shards(train_dir, str(shards_dir), options, progress=False).manifest
 
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per shard GET otherwise
-
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -93,92 +218,143 @@ def main(argv: list[str] | None = None) -> int:
 
     boto3.client("s3").create_bucket(Bucket="bench")
     for shard in local.shards:
-        storage.put_file(str(work / "shards" / shard.name), f"s3://bench/train/{shard.name}")
+        storage.put_file(str(shards_dir / shard.name), f"s3://bench/train/{shard.name}")
     storage.write_bytes_atomic("s3://bench/train/manifest.json", local.to_json().encode())
-    remote = load_manifest("s3://bench/train")
-
     jpegs = [path.read_bytes() for path in sorted(train_dir.rglob("*.jpg"))]
-    augment = train_transform(args.resolution)
+    setup = Setup(jpegs, train_dir, local, load_manifest("s3://bench/train"), args)
+    return setup, server.stop
 
-    def single_process():
-        for data in jpegs:
-            augment(decode(data))
 
-    cfg = DataConfig(
-        resolution=args.resolution,
-        batch_size_per_worker=args.batch_size,
-        loader_workers=args.workers,
-        shuffle_buffer=500,
-        min_crop_scale=0.08,
+def _worker_counts(args: argparse.Namespace) -> list[int]:
+    if args.worker_counts:
+        return sorted({int(n) for n in args.worker_counts.split(",")})
+    n = args.workers
+    if n <= 4:
+        return list(range(1, n + 1))
+    return sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})  # 1, 2, 4, 8, ..., N
+
+
+def _table(rows: list[list[str]], align: str) -> str:
+    """A Markdown table; ``align`` has one letter per column, l or r."""
+    head, *body = rows
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return "\n".join(
+        ["| " + " | ".join(row) + " |" for row in [head]]
+        + [rule]
+        + ["| " + " | ".join(row) + " |" for row in body]
     )
 
-    def ours(manifest):
-        def run():
-            loader = build_loader(manifest, cfg, train=True)
-            for epoch in range(args.epochs):
-                loader.set_epoch(epoch)
-                for _ in loader:
-                    pass
 
-        return run
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cores = os.cpu_count() or 2
+    p.add_argument("--workers", type=int, default=cores, help="the most loader workers N (default: cores)")
+    p.add_argument("--worker-counts", default="", help="loader worker counts to measure, e.g. 1,2,3 "
+                   "(default: 1..N up to 4 workers, else 1, 2, 4, ..., N)")  # fmt: skip
+    p.add_argument("--images", type=int, default=0, help="training images, 10 classes (default: "
+                   "max(1200, 320 x N), so that every worker gets several batches an epoch)")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
+    p.add_argument("--resolution", type=int, default=224, help="crop fed to the network")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; medians are taken over them")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per loader call (after one untimed)")
+    p.add_argument("--json", default=str(WORK / "data.json"))
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.repeats < 1 or args.epochs < 1:
+        p.error("--workers, --repeats and --epochs must be >= 1")
+    args.images = args.images or max(1200, 320 * args.workers)
+    torch.set_num_threads(1)
+    counts = _worker_counts(args)
+    compare_at = sorted({1, args.workers})
+    setup, stop_server = _prepare(args)
+    load_before = os.getloadavg()
 
-    folder = datasets.ImageFolder(
-        str(train_dir),
-        transform=T.Compose(
-            [
-                T.RandomResizedCrop(args.resolution),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
-        ),
-    )
-
-    def image_folder():
-        loader = torch.utils.data.DataLoader(
-            folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
-        )
-        for _ in range(args.epochs):
-            for _ in loader:
-                pass
-
-    per_epoch = (n // args.batch_size) * args.batch_size * args.epochs
+    rows: dict[str, Run | None] = {"limit": single_process_limit(setup)}
+    for n in counts:
+        rows[f"local/{n}"] = shard_loader(setup.local)(setup, n)
+    for path in COMPARED:
+        for n in compare_at:
+            rows[f"{path.name}/{n}"] = path.build(setup, n)
+    timings: dict[str, list[Timed]] = {key: [] for key, run in rows.items() if run is not None}
     try:
-        rates = {
-            "a_single_process_limit": _rate(single_process, len(jpegs), args.repeats),
-            "b_shards_local": _rate(ours(local), per_epoch, args.repeats),
-            "c_shards_s3": _rate(ours(remote), per_epoch, args.repeats),
-            "d_imagefolder": _rate(image_folder, per_epoch, args.repeats),
-        }
+        for round_index in range(args.repeats):
+            for key, run in rows.items():
+                if run is not None:
+                    timings[key].append(run())
+            print(f"round {round_index + 1}/{args.repeats} done", file=sys.stderr)
     finally:
-        server.stop()
-    a, b, c, d = rates.values()
-    N = args.workers
-    goals = {
-        f"(b) >= 0.9 x (a) x N (N={N})": (b / (a * N), 0.9),
-        "(c) >= 0.85 x (b)": (c / b, 0.85),
-        "(b) >= 1.5 x (d)": (b / d, 1.5),
-    }
-    print(
-        f"\n{n} JPEGs of {args.image_size}px -> RandomResizedCrop({args.resolution}), batch {args.batch_size}, "
-        f"N={N} loader workers, {os.cpu_count()} CPU cores"
+        stop_server()
+    load_after = os.getloadavg()
+
+    def rate(key: str) -> float | None:
+        return statistics.median(t.rate for t in timings[key]) if key in timings else None
+
+    def ratio(key: str, reference: str, *, scale: float = 1.0, invert: bool = False) -> float | None:
+        if key not in timings or reference not in timings:
+            return None
+        pairs = zip(timings[key], timings[reference], strict=True)
+        values = [(r.rate / (t.rate * scale)) if invert else t.rate / (r.rate * scale) for t, r in pairs]
+        return statistics.median(values)
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    table = [["path", "workers", "img/s", "start-up s", "ratio", "ratio of"]]
+    table.append(
+        ["single-process limit (decode + augment in memory)", "1", fmt(rate("limit"), ",.0f"), "", "", ""]
     )
-    print("| path | img/s |\n|---|---:|")
-    for name, value in rates.items():
-        print(f"| {name} | {value:,.0f} |")
-    print("\n| goal | measured ratio | target | met |\n|---|---:|---:|---|")
-    for name, (ratio, target) in goals.items():
-        print(f"| {name} | {ratio:.2f} | {target} | {'yes' if ratio >= target else 'NO'} |")
+    results: dict[str, dict] = {"limit": {"img_s": rate("limit")}}
+    for n in counts:
+        key = f"local/{n}"
+        startup = statistics.median(t.startup_s for t in timings[key])
+        value = ratio(key, "limit", scale=n)
+        table.append(
+            [
+                "loader, local shards",
+                str(n),
+                fmt(rate(key), ",.0f"),
+                f"{startup:.2f}",
+                fmt(value, ".2f"),
+                f"{n} x limit",
+            ]
+        )
+        results[key] = {"img_s": rate(key), "ratio_to_n_x_limit": value, "startup_s": startup}
+    goals = [
+        [f"loader >= {LOADER_GOAL} x limit at N = 1", fmt(ratio("local/1", "limit"), ".2f"), LOADER_GOAL]
+    ]
+    for path in COMPARED:
+        for n in compare_at:
+            key = f"{path.name}/{n}"
+            value = ratio(key, f"local/{n}", invert=path.ours_over_it)
+            label = "local / this" if path.ours_over_it else "this / local"
+            table.append([path.name, str(n), fmt(rate(key), ",.0f"), "", fmt(value, ".2f"), label])
+            results[key] = {"img_s": rate(key), "ratio": value, "ratio_of": label}
+            if path.goal is not None:
+                goals.append([f"{path.name}, N = {n}: {label} >= {path.goal}", fmt(value, ".2f"), path.goal])
+    print(
+        f"\n{len(setup.jpegs)} JPEGs of {args.image_size}px -> RandomResizedCrop({args.resolution}) + flip, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPU cores, median of {args.repeats} rounds, "
+        f"{args.epochs} timed epochs per loader call; load average (1/5/15 min) "
+        f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}\n"
+    )  # fmt: skip
+    print(_table(table, "lrrrrl"))
+    goal_rows = [["goal", "measured", "target", "met"]]
+    for name, value, target in goals:
+        met = "n/a" if value == "n/a" else ("yes" if float(value) >= target else "NO")
+        goal_rows.append([name, value, str(target), met])
+    print("\n" + _table(goal_rows, "lrrl"))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
             {
-                "rates": rates,
-                "ratios": {k: v[0] for k, v in goals.items()},
-                "images": n,
-                "workers": N,
-                "cpu_count": os.cpu_count(),
+                "results": results,
+                "rounds": {key: [t.rate for t in values] for key, values in timings.items()},
+                "images": len(setup.jpegs),
+                "image_size": args.image_size,
                 "resolution": args.resolution,
+                "cpu_count": os.cpu_count(),
+                "load_average_before": load_before,
+                "load_average_after": load_after,
             },
             indent=1,
         )

@@ -1,6 +1,6 @@
 """Streaming loader: equal batch counts on uneven shards, exact evaluation coverage, per-epoch shard order,
-oversampling, repeated augmentation, S3 with spawned workers, and a real 2-process gloo DDP run that must not
-hang."""
+oversampling, repeated augmentation, persistent workers with reused batch memory, the tar reader, S3 with
+spawned workers, and a real 2-process gloo DDP run that must not hang."""
 
 from __future__ import annotations
 
@@ -160,6 +160,113 @@ def test_repeated_augmentation_spreads_k_differently_augmented_copies_over_the_r
     assert len(seen[0] & seen[1]) <= len(seen[0]) // 4, "the next epoch takes other samples"
     if k == 2:
         assert len(seen[0] | seen[1]) >= 0.85 * 48, "k epochs sweep (almost) the whole data set"
+
+
+def test_persistent_workers_follow_the_epoch_and_batches_stay_intact(numbered):
+    """Workers are forked once and reuse their shared-memory batches (loader._BatchRing): each epoch must
+    still be the epoch asked for, bit for bit what a fresh loader gives, also after an epoch left early, and
+    batches the caller keeps must not change while later ones are produced."""
+    cfg = _cfg(loader_workers=2, batch_size_per_worker=3)
+
+    def fresh(epoch):
+        loader = build_loader(numbered, cfg, train=True)
+        loader.set_epoch(epoch)
+        return list(loader)
+
+    reused = build_loader(numbered, cfg, train=True)
+    kept = []
+    for epoch in (0, 1, 0):
+        reused.set_epoch(epoch)
+        kept.append(list(reused))  # 16 batches kept: more than the workers' rings hold (2 x 6)
+        next(iter(reused))  # and an epoch left after one batch before the next one starts
+    for epoch, batches in zip((0, 1, 0), kept, strict=True):
+        expected = fresh(epoch)
+        assert len(batches) == len(expected) == 48 // 3
+        assert all(
+            torch.equal(x, ex) and torch.equal(y, ey)
+            for (x, y), (ex, ey) in zip(batches, expected, strict=True)
+        )
+    assert [y.tolist() for _, y in kept[0]] != [y.tolist() for _, y in kept[1]], "epoch 1 is another order"
+
+
+def test_tar_reader_reads_what_webdataset_reads_and_names_a_cut_shard(tmp_path):
+    """The loader's own tar parser against webdataset's tarfile-based one: long names (pax, GNU), directory
+    prefixes, directories, metadata members, names without an extension; and a truncated shard."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from pipeline.data.loader import read_samples
+
+    def member(tar, name, data=b"", kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.size, info.type, info.mtime = len(data), kind, 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    for tar_format in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"{tar_format}.tar"
+        with tarfile.open(path, "w", format=tar_format) as tar:
+            member(tar, "dir", kind=tarfile.DIRTYPE)
+            member(tar, "__index__", b"meta")
+            member(tar, "a.JPG", b"x" * 1000)
+            member(tar, "a.cls", b"1")
+            member(tar, "sub/b.jpg", b"y" * 512)
+            member(tar, "noext", b"z")
+            member(tar, "p" * 90 + "/" + "k" * 60 + ".seg.png", b"w")  # ustar splits it into prefix + name
+            if tar_format != tarfile.USTAR_FORMAT:
+                member(tar, "l" * 150 + "/key.jpg", b"q" * 3)
+                member(tar, "\u00fc" + "m" * 120 + ".jpg", b"q")
+        opened = wds.tariterators.url_opener([{"url": str(path)}])
+        expected = list(wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened)))
+        assert list(read_samples([str(path)])) == expected
+        assert len(expected) == (5 if tar_format != tarfile.USTAR_FORMAT else 3)
+
+    whole = (tmp_path / f"{tarfile.PAX_FORMAT}.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    inside_a_jpg = whole.index(b"x" * 1000) + 500
+    for end in (700, 2000, inside_a_jpg):  # in a pax header's data, in a header, in an image
+        cut.write_bytes(whole[:end])
+        with pytest.raises(LoaderError, match=r"cut\.tar: .* at byte \d+.*the shard is incomplete"):
+            list(read_samples([str(cut)]))
+
+
+def test_read_ahead_returns_the_stream_and_its_errors(monkeypatch):
+    """Remote shards are read ahead in a thread (loader._ReadAhead): reads of any size across chunk ends give
+    the stream's bytes, a reader error reaches the reader, and a reader that stops early stops the thread."""
+    import io
+    import random
+    import threading
+
+    from pipeline.data import loader
+
+    monkeypatch.setattr(loader, "READ_AHEAD_CHUNK_BYTES", 7)
+    data = bytes(random.Random(0).randrange(256) for _ in range(1000))
+    reads = random.Random(1)
+    with loader._ReadAhead(io.BytesIO(data)) as ahead:
+        got = [ahead.read(reads.choice([0, 1, 5, 7, 8, 30])) for _ in range(200)]
+        assert b"".join(got) == data and ahead.read(10) == b""
+
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() >= 20:
+                raise ConnectionResetError("peer went away")
+            return super().read(size)
+
+    with loader._ReadAhead(Broken(data)) as ahead:
+        assert ahead.read(14) == data[:14]
+        with pytest.raises(ConnectionResetError, match="peer went away"):
+            ahead.read(100)
+
+    before = threading.active_count()
+    with loader._ReadAhead(io.BytesIO(data)) as ahead:
+        ahead.read(3)  # the thread is now blocked on a full queue of chunks
+        assert threading.active_count() == before + 1
+    for _ in range(50):
+        if threading.active_count() == before:
+            break
+        threading.Event().wait(0.05)
+    assert threading.active_count() == before, "the read-ahead thread ended with its reader"
 
 
 def test_fewer_samples_than_a_global_batch_is_a_clear_error(tmp_path):
