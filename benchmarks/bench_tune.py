@@ -19,8 +19,8 @@ exact config: its regret), the binomial standard error of an accuracy on the val
 starting a trial (from each trial's MLflow record: child run start -> first epoch's metrics, less that epoch's
 own seconds).
 
-    python benchmarks/bench_tune.py [--trials 16] [--epochs 9] [--reduction-factor 3] [--grace-period 1]
-        [--concurrent 2] [--train-per-class 30] [--val-per-class 20] [--tolerance 0.01] [--only grid,random,tpe]
+    python benchmarks/bench_tune.py [--trials 16] [--epochs 6] [--reduction-factor 3] [--grace-period 1]
+        [--concurrent 2] [--train-per-class 60] [--val-per-class 15] [--tolerance 0.01] [--only grid,random,tpe]
     python benchmarks/bench_tune.py --startup 6 [--ray-defaults]   # only the start-up cost: 6 one-epoch trials
 
 ``--ray-defaults`` runs trials with Ray Train's default settings (worker polls every 2 s, the preemption
@@ -57,19 +57,19 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=16, help="trials of random+asha and tpe+asha")
-    p.add_argument("--epochs", type=int, default=9, help="pretrain.train.epochs: max_t and the grid's budget")
+    p.add_argument("--epochs", type=int, default=6, help="pretrain.train.epochs: max_t and the grid's budget")
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--tpe-startup", type=int, default=6, help="search.tpe_startup_trials")
     p.add_argument("--concurrent", type=int, default=2, help="search.max_concurrent_trials (1 CPU each)")
     p.add_argument("--seed", type=int, default=0, help="search.seed (random order, TPE)")
-    p.add_argument("--lrs", type=_floats, default=[5e-4, 2e-3, 8e-3, 3.2e-2], help="optim.lr choices")
+    p.add_argument("--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3, 8e-3], help="optim.lr choices")
     p.add_argument("--weight-decays", type=_floats, default=[1e-4, 1e-2], help="optim.weight_decay choices")
     p.add_argument("--dropouts", type=_floats, default=[0.0, 0.4], help="model.dropout choices")
     p.add_argument(
-        "--train-per-class", type=int, default=30, help="easy embedded train images per class (10)"
+        "--train-per-class", type=int, default=60, help="easy embedded train images per class (10)"
     )
-    p.add_argument("--val-per-class", type=int, default=20, help="easy embedded val images per class")
+    p.add_argument("--val-per-class", type=int, default=15, help="easy embedded val images per class")
     p.add_argument("--batch-size", type=int, default=25, help="pretrain.data.batch_size_per_worker")
     p.add_argument("--tolerance", type=float, default=0.01, help="'found the grid's best': absolute val/top1")
     p.add_argument("--only", default=",".join(SEARCHES), help="searches to run (grid is needed for the goal)")
@@ -133,8 +133,12 @@ def overrides_for(args: argparse.Namespace, search: str, manifests: dict[str, st
         f"pretrain.data.train_manifest={manifests['train']}",
         f"pretrain.data.val_manifest={manifests['val']}",
         f"pretrain.data.batch_size_per_worker={args.batch_size}",
-        "pretrain.data.loader_workers=0",  # 300 images an epoch: a loader process costs more than it saves
+        "pretrain.data.loader_workers=0",  # 600 images an epoch: a loader process costs more than it saves
         f"pretrain.train.epochs={args.epochs}",
+        # The lr choices are the lrs used (no linear scaling from the recipe's batch of 128), from the first
+        # step (no warm-up epoch): epoch 1, ASHA's first rung, is then the most informative it can be.
+        f"pretrain.optim.reference_batch_size={args.batch_size}",
+        "pretrain.optim.warmup_epochs=0",
         f"pretrain.tracking.uri=sqlite:///{(work / 'mlflow.db').resolve()}",
         "pretrain.tracking.experiment=bench-tune",
         "pretrain.tracking.register_as=bench-tune-best",
@@ -350,11 +354,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    # As pipeline.launch.ensure_ray starts it, with the dashboard (Train's placement-group cleaner needs its
-    # state API, or a trial stopped by ASHA leaks its placement group) and a CPU for the trials' drivers.
+    from pipeline.config import ScalingConfig
+    from pipeline.launch import ensure_ray
+
+    # As the search job starts it: with the dashboard and its state API address in every worker's
+    # environment (Train's placement-group cleaner asks it; with another Ray instance on the machine and no
+    # address, the cleaner dies and ASHA-stopped trials keep their CPUs: a search stalled so here) and a CPU
+    # for the trials' drivers.
     t1 = time.perf_counter()
-    ray.init(
-        address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1", log_to_driver=False
+    ensure_ray(
+        ScalingConfig(num_workers=1, cpus_per_worker=1), concurrent=args.concurrent, trial_drivers=True
     )
     ray_init_s = time.perf_counter() - t1
     runs: dict[str, dict[str, Any]] = {}
