@@ -123,8 +123,7 @@ def verify_shards(manifest: Manifest, *, checksum: bool = False) -> None:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    def problem(shard: ShardInfo) -> str | None:
-        url = storage.join(manifest.url.rsplit("/", 1)[0], shard.name)
+    def problem(shard: ShardInfo, url: str) -> str | None:
         info = storage.stat(url)
         if info is None:
             return f"{url} is missing"
@@ -140,7 +139,7 @@ def verify_shards(manifest: Manifest, *, checksum: bool = False) -> None:
         return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for message in pool.map(problem, manifest.shards):
+        for message in pool.map(problem, manifest.shards, manifest.shard_urls()):
             if message is not None:
                 raise ManifestError(
                     f"{message}; rewrite the split with `python jobs/make_shards.py` (same --dest) or "

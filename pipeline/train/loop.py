@@ -73,13 +73,17 @@ class FitResult:
     """The final state (``epoch`` = epochs completed), best weights already loaded into the model."""
 
 
+def _layers(model: nn.Module):
+    """``model``, then each module it wraps (DDP's ``module``, torch.compile's ``_orig_mod``), outermost first."""
+    while model is not None:
+        yield model
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
+    *_, inner = _layers(model)
+    return inner
 
 
 def _reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -110,12 +114,8 @@ def _autocast(device: torch.device, cfg: TrainConfig):
 def _no_sync(model: nn.Module, skip: bool):
     """DDP's ``no_sync`` (no gradient all-reduce) for the micro-batches before the last of an accumulation
     group: their gradients only add up locally, and the last backward all-reduces the sum once."""
-    wrapper = model
-    while skip and wrapper is not None:
-        if isinstance(wrapper, DistributedDataParallel):
-            return wrapper.no_sync()
-        wrapper = getattr(wrapper, "module", None) or getattr(wrapper, "_orig_mod", None)
-    return contextlib.nullcontext()
+    ddp = next((m for m in _layers(model) if isinstance(m, DistributedDataParallel)), None) if skip else None
+    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
