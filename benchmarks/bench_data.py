@@ -7,8 +7,12 @@ All rows do RandomResizedCrop(R) + flip on the same JPEG bytes:
 * **loader, local shards** (``pipeline.data.loader``) at N = 1 .. max loader workers; ratio to N x the limit;
 * the **compared paths** (``COMPARED``) at N = 1 and max: our loader from an S3-compatible endpoint (a moto
   server on 127.0.0.1, started here, in this process), torchvision ``ImageFolder`` + ``DataLoader`` on the
-  same files (PIL, float output as in torchvision's reference scripts), and a row for the Ray Data path,
-  ``n/a`` until ``data.backend: ray_data`` exists: register its reader in ``COMPARED``.
+  same files (PIL, float output as in torchvision's reference scripts), the loader with ``data.decode: gpu``
+  (workers read tar bytes, nvJPEG decodes and the crop runs on the GPU; ``n/a`` without CUDA), and a row for
+  the Ray Data path, ``n/a`` until ``data.backend: ray_data`` exists: register its reader in ``COMPARED``.
+
+Each loader row also reports the host CPU it used (the process and its loader workers, CPU seconds per
+1,000 images): what data.decode=gpu is for is freeing those cores.
 
 Timing: every row is timed once per round, rounds back to back (3 by default); a row's img/s is the median
 over rounds and a ratio the median of the per-round ratios, so both sides of a ratio ran seconds apart under
@@ -22,6 +26,7 @@ then times ``--epochs`` epochs: the steady state of a training run, which keeps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +59,8 @@ class Timed:
     seconds: float
     startup_s: float = 0.0
     """Loader rows: from building the loader to its first batch (worker start-up and the first fill)."""
+    cpu_s: float | None = None
+    """Loader rows: CPU seconds of this process and its children over the timed epochs (None: no psutil)."""
 
     @property
     def rate(self) -> float:
@@ -70,7 +77,8 @@ class Setup:
     jpegs: list[bytes]
     train_dir: Path
     local: Manifest
-    remote: Manifest
+    remote: Manifest | None
+    """None where moto is not installed (the GPU machine's image): the S3 row prints n/a."""
     args: argparse.Namespace
 
     def data_config(self, workers: int) -> DataConfig:
@@ -97,39 +105,68 @@ def single_process_limit(setup: Setup) -> Run:
     return run
 
 
-def _timed_epochs(batches: Callable[[int], object], *, epochs: int) -> Timed:
-    """Epoch 0 untimed (start-up), then ``epochs`` timed ones; ``batches(epoch)`` iterates one epoch."""
+def _cpu_seconds() -> float | None:
+    """CPU time of this process and its live children (loader workers are not reaped until they exit)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # a child that exited in between
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _timed_epochs(
+    batches: Callable[[int], object], *, epochs: int, sync: Callable[[], None] = lambda: None
+) -> Timed:
+    """Epoch 0 untimed (start-up), then ``epochs`` timed ones; ``batches(epoch)`` iterates one epoch.
+    ``sync`` waits for queued device work (CUDA decoding) before a clock is read."""
     t0 = time.perf_counter()
     iterator = iter(batches(0))
     next(iterator)
     startup = time.perf_counter() - t0
     for _ in iterator:
         pass
-    images, t1 = 0, time.perf_counter()
+    sync()
+    images, cpu0, t1 = 0, _cpu_seconds(), time.perf_counter()
     for epoch in range(1, epochs + 1):
         for x, _ in batches(epoch):
             images += len(x)
-    return Timed(images, time.perf_counter() - t1, startup)
+    sync()
+    seconds, cpu1 = time.perf_counter() - t1, _cpu_seconds()
+    return Timed(images, seconds, startup, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
 
 
-def shard_loader(manifest: Manifest) -> Callable[[Setup, int], Run | None]:
-    def build(setup: Setup, workers: int) -> Run:
+def shard_loader(manifest: Manifest, *, decode: str = "cpu") -> Callable[[Setup, int], Run | None]:
+    def build(setup: Setup, workers: int) -> Run | None:
+        device = torch.device("cuda") if decode == "gpu" else None
+        if decode == "gpu" and not torch.cuda.is_available():
+            return None
+
         def run() -> Timed:
-            loader = build_loader(manifest, setup.data_config(workers), train=True)
+            cfg = dataclasses.replace(setup.data_config(workers), decode=decode)
+            loader = build_loader(manifest, cfg, train=True, device=device)
 
             def epoch(e: int):
                 loader.set_epoch(e)
                 return loader
 
-            return _timed_epochs(epoch, epochs=setup.args.epochs)
+            sync = torch.cuda.synchronize if device is not None else (lambda: None)
+            return _timed_epochs(epoch, epochs=setup.args.epochs, sync=sync)
 
         return run
 
     return build
 
 
-def s3_loader(setup: Setup, workers: int) -> Run:
-    return shard_loader(setup.remote)(setup, workers)
+def s3_loader(setup: Setup, workers: int) -> Run | None:
+    return None if setup.remote is None else shard_loader(setup.remote)(setup, workers)
 
 
 def image_folder(setup: Setup, workers: int) -> Run:
@@ -159,6 +196,10 @@ def image_folder(setup: Setup, workers: int) -> Run:
     return run
 
 
+def gpu_decode(setup: Setup, workers: int) -> Run | None:
+    return shard_loader(setup.local, decode="gpu")(setup, workers)
+
+
 def ray_data(setup: Setup, workers: int) -> Run | None:
     """The loader with ``data.backend: ray_data``: not implemented yet, so this row prints n/a."""
     return None
@@ -179,6 +220,7 @@ class Compared:
 COMPARED = [
     Compared("loader, S3 endpoint (moto)", s3_loader, ours_over_it=False, goal=0.85),
     Compared("ImageFolder + DataLoader (PIL)", image_folder, ours_over_it=True, goal=1.5),
+    Compared("loader, decode on the GPU (data.decode: gpu)", gpu_decode, ours_over_it=False),
     Compared("Ray Data (data.backend: ray_data)", ray_data, ours_over_it=False),
 ]
 LOADER_GOAL = 0.9  # the loader at N = 1 against the single-process limit
@@ -201,8 +243,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Setup, Callable[[], None]]:
     shards_dir = WORK / f"shards-{tag}"
     options = ShardOptions(samples_per_shard=SAMPLES_PER_SHARD, workers=min(cores, 16))
     local = write_shards(train_dir, str(shards_dir), options, progress=False).manifest
-
-    from moto.server import ThreadedMotoServer
+    jpegs = [path.read_bytes() for path in sorted(train_dir.rglob("*.jpg"))]
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        print("moto is not installed: no S3 row", file=sys.stderr)
+        return Setup(jpegs, train_dir, local, None, args), lambda: None
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per shard GET otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -220,7 +266,6 @@ def _prepare(args: argparse.Namespace) -> tuple[Setup, Callable[[], None]]:
     for shard in local.shards:
         storage.put_file(str(shards_dir / shard.name), f"s3://bench/train/{shard.name}")
     storage.write_bytes_atomic("s3://bench/train/manifest.json", local.to_json().encode())
-    jpegs = [path.read_bytes() for path in sorted(train_dir.rglob("*.jpg"))]
     setup = Setup(jpegs, train_dir, local, load_manifest("s3://bench/train"), args)
     return setup, server.stop
 
@@ -299,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
-    table = [["path", "workers", "img/s", "start-up s", "ratio", "ratio of"]]
+    def cpu_per_1k(key: str) -> float | None:
+        values = [t.cpu_s / t.images * 1000 for t in timings.get(key, []) if t.cpu_s is not None]
+        return statistics.median(values) if values else None
+
+    table = [["path", "workers", "img/s", "start-up s", "ratio", "ratio of", "host CPU s / 1k img"]]
     table.append(
-        ["single-process limit (decode + augment in memory)", "1", fmt(rate("limit"), ",.0f"), "", "", ""]
+        ["single-process limit (decode + augment in memory)", "1", fmt(rate("limit"), ",.0f"), "", "", "", ""]
     )
     results: dict[str, dict] = {"limit": {"img_s": rate("limit")}}
     for n in counts:
@@ -316,9 +365,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{startup:.2f}",
                 fmt(value, ".2f"),
                 f"{n} x limit",
+                fmt(cpu_per_1k(key), ".2f"),
             ]
         )
-        results[key] = {"img_s": rate(key), "ratio_to_n_x_limit": value, "startup_s": startup}
+        results[key] = {
+            "img_s": rate(key),
+            "ratio_to_n_x_limit": value,
+            "startup_s": startup,
+            "cpu_s_per_1k": cpu_per_1k(key),
+        }
     goals = [
         [f"loader >= {LOADER_GOAL} x limit at N = 1", fmt(ratio("local/1", "limit"), ".2f"), LOADER_GOAL]
     ]
@@ -327,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{path.name}/{n}"
             value = ratio(key, f"local/{n}", invert=path.ours_over_it)
             label = "local / this" if path.ours_over_it else "this / local"
-            table.append([path.name, str(n), fmt(rate(key), ",.0f"), "", fmt(value, ".2f"), label])
-            results[key] = {"img_s": rate(key), "ratio": value, "ratio_of": label}
+            cpu = cpu_per_1k(key)
+            table.append(
+                [path.name, str(n), fmt(rate(key), ",.0f"), "", fmt(value, ".2f"), label, fmt(cpu, ".2f")]
+            )
+            results[key] = {"img_s": rate(key), "ratio": value, "ratio_of": label, "cpu_s_per_1k": cpu}
             if path.goal is not None:
                 goals.append([f"{path.name}, N = {n}: {label} >= {path.goal}", fmt(value, ".2f"), path.goal])
     print(
@@ -337,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.epochs} timed epochs per loader call; load average (1/5/15 min) "
         f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}\n"
     )  # fmt: skip
-    print(_table(table, "lrrrrl"))
+    print(_table(table, "lrrrrlr"))
     goal_rows = [["goal", "measured", "target", "met"]]
     for name, value, target in goals:
         met = "n/a" if value == "n/a" else ("yes" if float(value) >= target else "NO")

@@ -5,8 +5,10 @@
 #                                    GPU workers with bf16, channels_last, EMA, MixUp, compile off and on;
 #                                    fp16 with a GradScaler), then benchmarks/bench_train.py on ResNet-50 at
 #                                    224 px, bf16, channels_last, with synthetic and with shard data in one run,
-#                                    then a summary table against the goals (>= 4,000 img/s with synthetic data
-#                                    on one H200, shards >= 0.95x synthetic). Without CUDA it prints
+#                                    then benchmarks/bench_data.py at 1 and 4 loader workers with the CPU and the
+#                                    GPU decode paths (img/s and host CPU per image, issue #16), then a summary
+#                                    table against the goals (>= 4,000 img/s with synthetic data on one H200,
+#                                    shards >= 0.95x synthetic). Without CUDA it prints
 #                                    "no CUDA device: skipped" and exits 0.
 #   benchmarks/gpu_check.sh rehearse The same steps on CPU with a tiny model (cifar_resnet20, 32 px; the GPU
 #                                    tests skip): tries the script's flow, the bundle and the summary here.
@@ -19,7 +21,8 @@
 # On the GPU machine (the device tool's `run`, carry [".cache/gpu-bundle"]):  bash benchmarks/gpu_check.sh
 # The bundle is unpacked into /tmp/gpu-check-site first when `import ray` fails. Everything printed also goes
 # to $OUT/gpu_check.log (with bench_train.json and pytest.xml) when OUT is set, else to .cache/gpu-check/.
-# Step time caps (seconds, env): GPU_CHECK_PYTEST_S=240, GPU_CHECK_BENCH_S=210, GPU_CHECK_PROBE_S=40.
+# Step time caps (seconds, env): GPU_CHECK_PYTEST_S=240, GPU_CHECK_BENCH_S=210, GPU_CHECK_PROBE_S=40,
+# GPU_CHECK_DATA_S=120.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,9 +112,12 @@ fi
 # ~30 s to render and shard 25,600 JPEGs of 256 px (once; .cache/bench/train-shards) and ~15 s per Ray worker.
 BENCH_ARGS=(--model resnet50 --resolution 224 --batch-size 256 --device cuda --channels-last --amp bf16
     --data both --steps 100 --epochs 3 --repeats 1)
+# ~40 s: 2,560 JPEGs of 256 px (rendered once), every data path once at 1 and 4 loader workers.
+DATA_ARGS=(--workers 4 --worker-counts 1,4 --images 2560 --repeats 1 --epochs 1)
 if [[ $REHEARSE == 1 ]]; then
     BENCH_ARGS=(--model cifar_resnet20 --resolution 32 --batch-size 32 --device cpu --data both --steps 12
         --epochs 3 --repeats 1 --cpus-per-worker 1 --threads 1)
+    DATA_ARGS=(--workers 2 --worker-counts 1,2 --images 1200 --image-size 64 --resolution 32 --repeats 1 --epochs 1)
 fi
 
 LOG_DIR=${OUT:-.cache/gpu-check}
@@ -191,6 +197,10 @@ timeout "${GPU_CHECK_BENCH_S:-210}" "$PY" benchmarks/bench_train.py "${BENCH_ARG
     --json "$LOG_DIR/bench_train.json"
 BENCH_RC=$?
 
+step "bench_data.py ${DATA_ARGS[*]} (cap ${GPU_CHECK_DATA_S:-120} s)"
+rm -f "$LOG_DIR/bench_data.json"
+timeout "${GPU_CHECK_DATA_S:-120}" "$PY" benchmarks/bench_data.py "${DATA_ARGS[@]}" --json "$LOG_DIR/bench_data.json"
+
 step "summary (total $((SECONDS - START)) s)"
 "$PY" - "$LOG_DIR" "$PYTEST_RC" "$BENCH_RC" "$PROBE" "$((SECONDS - START))" <<'EOF'
 import json, statistics, sys
@@ -235,6 +245,21 @@ if bench is not None:
         row(f"data wait, {feed} (loop / steady state)",
             f"{med(bench['data_wait'][feed]):.3f} / {med(bench['steady_data_wait'][feed]):.3f}")
     row("shards: loader start per epoch, s", f"{med(bench['first_batch_s']['shards']):.2f}")
+try:
+    data = json.loads((log_dir / "bench_data.json").read_text())["results"]
+except (OSError, ValueError, KeyError):
+    data = None
+    row("bench_data.py", "no result", "", False)
+if data is not None:
+    fmt = lambda value, spec: "n/a" if value is None else format(value, spec)
+    gpu_name = "loader, decode on the GPU (data.decode: gpu)"
+    for key in sorted(k for k in data if k.startswith("local/")):
+        n = key.split("/")[1]
+        cpu, gpu = data[key], data.get(f"{gpu_name}/{n}", {})
+        row(f"data, {n} loader workers: img/s, decode cpu / gpu",
+            f"{fmt(cpu.get('img_s'), ',.0f')} / {fmt(gpu.get('img_s'), ',.0f')}")
+        row(f"data, {n} loader workers: host CPU s per 1k img, decode cpu / gpu",
+            f"{fmt(cpu.get('cpu_s_per_1k'), '.2f')} / {fmt(gpu.get('cpu_s_per_1k'), '.2f')}")
 row("gpu-check wall time, s", str(total_s), "< 480", total_s < 480)
 width = max(len(r[0]) for r in rows)
 print(f"| {'check':<{width}} | value | goal | verdict |\n|{'-' * (width + 2)}|---:|---|---|")

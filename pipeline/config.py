@@ -77,6 +77,20 @@ class DataConfig:
     verify_shards: Literal["size", "checksum", "off"] = "size"
     """Checked against the manifests before any resource is taken: each shard's size (one stat per shard),
     also its sha256 (checksum: reads every byte once), or nothing (off)."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where JPEGs are decoded and augmented. cpu: in the loader workers (the default). gpu: the workers only
+    read tar bytes; each training worker decodes its whole batch with nvJPEG
+    (``torchvision.io.decode_jpeg(device="cuda")``) and runs the same crop, flip and augmentation on the GPU,
+    for nodes with too few cores per GPU to decode at the GPU's pace. Needs scaling.use_gpu."""
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    """A sample that cannot be read in a run (an undecodable image, a damaged tar member): fail ends the run at
+    once with one line naming the shard (it is not retried as a worker fault: a rerun would meet it again);
+    skip drops it, counts it in the epoch's ``data/skipped`` metric and warns about the first few, up to
+    ``max_corrupt_fraction``. A damaged tar header loses the rest of its shard, counted from the manifest."""
+    max_corrupt_fraction: float = 0.001
+    """on_corrupt=skip: the most samples each loader slot (a rank's DataLoader worker) may skip per epoch, as a
+    fraction of the samples it is to deliver; beyond it the run ends as under fail (a whole broken shard is a
+    data problem to fix, not to train around)."""
     seed: int = 0
     """Base seed of shard order and sample shuffling; epoch e uses seed + e."""
     multiprocessing_context: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -115,6 +129,11 @@ class DataConfig:
             0 <= self.randaugment_magnitude <= 30,
             "data.randaugment_magnitude",
             f"must be in [0, 30], got {self.randaugment_magnitude}",
+        )
+        _check(
+            0.0 < self.max_corrupt_fraction < 1.0,
+            "data.max_corrupt_fraction",
+            f"must be in (0, 1), got {self.max_corrupt_fraction}",
         )
         _check(
             0.0 <= self.random_erasing < 1.0,

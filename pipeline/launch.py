@@ -221,13 +221,13 @@ def launch(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise LaunchError(_short_error(error)) from None
+        raise LaunchError(_failure_text(error)) from None
     except Exception as error:  # local mode raises the training function's own exception
         if not local:
             raise
         raise LaunchError(f"{type(error).__name__}: {error}") from None
     if result.error is not None:
-        raise LaunchError(_short_error(result.error))
+        raise LaunchError(_failure_text(result.error))
     run_path = str(result.path) if result.path else f"{storage_path.rstrip('/')}/{name}"
     if result.checkpoint is None:
         raise LaunchError(f"training under {run_path} finished without reporting a checkpoint")
@@ -331,9 +331,13 @@ class DeterministicErrorGuard(ray.train.UserCallback):
         if not data and (not worker_exceptions or any(_retryable(e) for e in worker_exceptions.values())):
             return
         rank, error = min((data or worker_exceptions).items())
-        raise DeterministicWorkerError(
-            f"rank {rank} raised {type(error).__name__}: {str(error).strip()[:400]} "
-            "(an error in the training code or config, not a lost worker: not retried)"
+        # Raised as the ControllerError Ray would wrap it in: the controller then logs it once (its failure
+        # decision) instead of adding an "Error in control loop iteration" traceback first.
+        raise ray.train.ControllerError(
+            DeterministicWorkerError(
+                f"rank {rank} raised {type(error).__name__}: {str(error).strip()[:400]} "
+                "(an error in the training code or config, not a lost worker: not retried)"
+            )
         )
 
 
@@ -357,6 +361,13 @@ _COLLECTIVE_FAILURE_MARKS = (
     "Connection reset by peer",
     "NCCL",
 )
+
+
+def _failure_text(error: BaseException) -> str:
+    """What the job prints for a failed run: the guard's one line (without Ray's "controller error:" header),
+    else the workers' error shortened."""
+    failure = getattr(error, "controller_failure", None)
+    return str(failure) if isinstance(failure, DeterministicWorkerError) else _short_error(error)
 
 
 def _short_error(error: BaseException) -> str:

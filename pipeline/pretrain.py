@@ -76,6 +76,11 @@ def validate_model(cfg: PretrainConfig) -> str:
     if cfg.train.sync_batchnorm and not cfg.scaling.use_gpu:
         # torch's SyncBatchNorm has no CPU kernel: every worker would fail at its first forward pass.
         raise ConfigError("train.sync_batchnorm: needs GPU workers (scaling.use_gpu: true); remove it on CPU")
+    if cfg.data.decode == "gpu" and not cfg.scaling.use_gpu:
+        raise ConfigError(
+            "data.decode: gpu decodes on the training workers' GPUs (nvJPEG); set scaling.use_gpu: true, "
+            "or data.decode: cpu"
+        )
     _check_resolution(cfg, arch)
     return arch
 

@@ -149,3 +149,16 @@ __all__ = [
     "read_tar_samples",
     "json",
 ]
+
+
+def corrupt_in_place(shard: Path, *, image: int | None = None, header: int | None = None) -> None:
+    """Damage a shard without changing its size (a bad disk block, a botched in-place rewrite): the start of
+    its ``image``-th JPEG zeroed (that sample no longer decodes), or the ustar magic of its ``header``-th tar
+    header (the tar structure breaks there, losing the rest of the shard)."""
+    data = bytearray(shard.read_bytes())
+    marker, which = (b"\xff\xd8\xff", image) if image is not None else (b"ustar", header)
+    offset = -1
+    for _ in range(which + 1):
+        offset = data.index(marker, offset + 1)
+    data[offset : offset + len(marker)] = bytes(len(marker))
+    shard.write_bytes(bytes(data))

@@ -54,6 +54,41 @@ def test_amp_auto_is_bf16_on_a_gpu_that_has_it():
     assert autocast_dtype(device, "off") is None
 
 
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_gpu_decode_gives_the_cpu_paths_batches_on_the_gpu(tmp_path, loader_workers):
+    """data.decode=gpu: nvJPEG decodes whole batches on the GPU and the crop runs there. Evaluation's pixels
+    are the CPU path's up to decoder rounding (nvJPEG's IDCT is not libjpeg's), training keeps its batch
+    count and shapes, and a JPEG that does not decode is skipped and counted as on the CPU path."""
+    from imgtree import corrupt_in_place, write_sized_shards
+
+    from pipeline.config import DataConfig
+    from pipeline.data.loader import build_loader
+
+    manifest = write_sized_shards(tmp_path / "v", [9, 8], num_classes=17, labels="unique", image_size=48)
+    base = dict(resolution=32, batch_size_per_worker=4, loader_workers=loader_workers, min_crop_scale=0.5)
+    cpu = DataConfig(**base)
+    gpu = DataConfig(**base, decode="gpu", on_corrupt="skip", max_corrupt_fraction=0.2)
+    device = torch.device("cuda")
+    expected = list(build_loader(manifest, cpu, train=False))
+    batches = list(build_loader(manifest, gpu, train=False, device=device))
+    assert [len(y) for _, y in batches] == [len(y) for _, y in expected]
+    for (x, y), (ex, ey) in zip(batches, expected, strict=True):
+        assert x.device.type == "cuda" and x.dtype == torch.uint8 and x.shape == ex.shape
+        assert torch.equal(y.cpu(), ey)
+        assert (x.cpu().float() - ex.float()).abs().mean() < 2.0  # of 255 levels
+
+    train = build_loader(manifest, gpu, train=True, device=device)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        shapes = [(tuple(x.shape), x.device.type) for x, _ in train]
+        assert shapes == [((4, 3, 32, 32), "cuda")] * len(train)
+
+    corrupt_in_place(sorted((tmp_path / "v").glob("*.tar"))[0], image=4)
+    evaluation = build_loader(manifest, gpu, train=False, device=device)
+    seen = sorted(torch.cat([y.cpu() for _, y in evaluation]).tolist())
+    assert seen == [i for i in range(17) if i != 4] and evaluation.skipped == 1
+
+
 class _MemoryLoader:
     """The loader interface ``fit`` uses, over fixed batches: class 1 images are brighter than class 0."""
 

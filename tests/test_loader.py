@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from imgtree import write_imbalanced_shards, write_sized_shards
+from imgtree import corrupt_in_place, write_imbalanced_shards, write_sized_shards
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataWait, LoaderError, build_loader, plan_slot
@@ -229,6 +229,87 @@ def test_tar_reader_reads_what_webdataset_reads_and_names_a_cut_shard(tmp_path):
         cut.write_bytes(whole[:end])
         with pytest.raises(LoaderError, match=r"cut\.tar: .* at byte \d+.*the shard is incomplete"):
             list(read_samples([str(cut)]))
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_corrupt_sample_fails_the_epoch_or_is_skipped_and_counted(tmp_path, loader_workers):
+    """Shards damaged in place (same size, so the size check passes): one JPEG that no longer decodes, and a
+    tar header broken inside its shard's fifth sample of 7. on_corrupt=fail names the shard; skip drops the
+    undecodable sample and the shard's last 3 (counted from the manifest), keeps the training batch count
+    and evaluates every readable sample exactly once; past max_corrupt_fraction the epoch fails."""
+    sizes = [6, 5, 7]
+    manifest = write_sized_shards(tmp_path / "v", sizes, num_classes=sum(sizes), labels="unique")
+    shards = sorted((tmp_path / "v").glob("*.tar"))
+    corrupt_in_place(shards[0], image=3)  # sample 3
+    # Header 10 = sample 5's jpg (2 members a sample): 5 and 6 lost, and 4, still being grouped (15-17).
+    corrupt_in_place(shards[2], header=10)
+    lost = {3, 15, 16, 17}
+
+    fail = _cfg(loader_workers=loader_workers)
+    with pytest.raises(LoaderError, match=r"shard-00000[02]\.tar"):
+        list(build_loader(manifest, fail, train=False))
+
+    # A slot that reads the broken shard alone meets 3 lost samples per 4 good ones in every pass.
+    skip = _cfg(loader_workers=loader_workers, on_corrupt="skip", max_corrupt_fraction=0.9)
+    evaluation = build_loader(manifest, skip, train=False)
+    seen = torch.cat([y for _, y in evaluation]).tolist()
+    assert sorted(seen) == sorted(set(range(sum(sizes))) - lost)
+    assert evaluation.skipped == len(lost)
+
+    training = build_loader(manifest, skip, train=True)
+    for epoch in range(2):
+        training.set_epoch(epoch)
+        labels = torch.cat([y for _, y in training]).tolist()
+        assert len(labels) == training.num_batches * 4 and not lost & set(labels)
+        assert training.skipped >= 1, "16 of 14 readable samples: the epoch read a damaged one"
+
+    strict = _cfg(loader_workers=loader_workers, on_corrupt="skip", max_corrupt_fraction=0.1)
+    with pytest.raises(LoaderError, match=r"exceed data\.max_corrupt_fraction=0\.1 .*make_shards"):
+        list(build_loader(manifest, strict, train=False))
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_encoded_batches_decode_in_the_training_process_to_the_cpu_paths_pixels(tmp_path, loader_workers):
+    """data.decode=gpu's path with the CPU standing in for the GPU (libjpeg instead of nvJPEG, same calls):
+    the workers hand over undecoded batches, the training process decodes each in one call and transforms it,
+    and evaluation gives exactly the CPU path's pixels; a JPEG that does not decode is skipped and counted
+    there. Without a CUDA device the loader refuses the setting, naming it."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.loader import _SlotStream
+
+    manifest = write_sized_shards(tmp_path / "v", [5, 6], num_classes=11, labels="unique")
+    cpu = _cfg(loader_workers=loader_workers, on_corrupt="skip", max_corrupt_fraction=0.5)
+    gpu = _cfg(loader_workers=loader_workers, on_corrupt="skip", max_corrupt_fraction=0.5, decode="gpu")
+    with pytest.raises(LoaderError, match="data.decode=gpu: this worker trains on cpu, not a CUDA GPU"):
+        build_loader(manifest, gpu, train=False, device=torch.device("cpu"))
+    expected = list(build_loader(manifest, cpu, train=False))
+
+    def decoded(train: bool):
+        stream = _SlotStream(
+            manifest=manifest,
+            cfg=gpu,
+            train=train,
+            rank=0,
+            world_size=1,
+            batches_per_rank=2,
+            loader_workers=loader_workers,
+        )
+        source = DataLoader(stream, batch_size=None, num_workers=loader_workers) if loader_workers else stream
+        stream.decoding_epoch(11)
+        return [stream.decode_batch(batch, torch.device("cpu")) for batch in source], stream
+
+    batches, _ = decoded(train=False)
+    assert len(batches) == len(expected) and all(
+        torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(batches, expected, strict=True)
+    )
+    train, _ = decoded(train=True)
+    assert [tuple(x.shape) for x, _ in train] == [(4, 3, 16, 16)] * 2
+
+    corrupt_in_place(sorted((tmp_path / "v").glob("*.tar"))[1], image=2)  # sample 7
+    batches, stream = decoded(train=False)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == [i for i in range(11) if i != 7]
+    assert stream.skipped() == 1
 
 
 def test_read_ahead_returns_the_stream_and_its_errors(monkeypatch):

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import math
 import multiprocessing
 import queue
@@ -73,6 +74,12 @@ from pipeline.data.manifest import Manifest
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(images uint8 [B, 3, R, R], labels int64 [B])."""
+
+log = logging.getLogger(__name__)
+
+CORRUPT_WARNINGS_PER_EPOCH = 3
+"""Under data.on_corrupt=skip, each loader slot names this many skipped samples per epoch; the rest are
+only counted (``data/skipped``)."""
 
 
 class LoaderError(ValueError):
@@ -367,6 +374,11 @@ class _SlotStream(IterableDataset):
         context = multiprocessing.get_context(cfg.multiprocessing_context)
         self._epoch = context.RawValue("q", 0) if loader_workers > 0 else None
         self._released = context.RawArray("q", loader_workers) if loader_workers > 0 else None
+        # Per worker, the samples it skipped this epoch (data.on_corrupt=skip); [0] in the training process.
+        self._skipped = context.RawArray("q", max(1, loader_workers)) if loader_workers > 0 else [0]
+        self._corrupt_budget = 0.0  # the current epoch's limit for this slot, set when an iteration starts
+        # data.decode=gpu: what the training process itself skipped, and its limit (set by ShardLoader).
+        self.main_skipped, self.main_budget = 0, 0.0
         self._ring: _BatchRing | None = None  # in a worker, made at its first iteration
         self.epoch = 0
         self.batches_per_rank = batches_per_rank
@@ -384,6 +396,7 @@ class _SlotStream(IterableDataset):
         )
         crop = cfg.resolution if train else transforms.eval_sizes(cfg).crop
         self.image_size = (crop, crop)
+        self.encoded = cfg.decode == "gpu"  # batches of JPEG bytes, decoded by the training process
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next iteration, in this process and in the DataLoader workers."""
@@ -391,24 +404,67 @@ class _SlotStream(IterableDataset):
         if self._epoch is not None:
             self._epoch.value = epoch
 
+    def skipped(self) -> int:
+        """Samples skipped in the last iteration, over all workers (read once the iteration has ended)."""
+        return sum(self._skipped) + self.main_skipped
+
+    def _corrupt(self, worker: int | None, what: str, error: Exception, *, lost: int = 1) -> None:
+        """A sample (or the rest of a shard: ``lost`` samples) that cannot be read, ``what`` naming it:
+        LoaderError under data.on_corrupt=fail, else counted, and LoaderError once the slot's epoch budget is
+        spent. ``worker`` None: found by the training process (data.decode=gpu), counted on its own."""
+        if self.cfg.on_corrupt == "fail":
+            raise LoaderError(what) from None  # ``what`` carries the decoder's message: no chained traceback
+        if worker is None:
+            self.main_skipped += lost
+            count, budget = self.main_skipped, self.main_budget
+        else:
+            self._skipped[worker] += lost
+            count, budget = self._skipped[worker], self._corrupt_budget
+        if count > budget:
+            raise LoaderError(
+                f"{count} corrupt samples on one loader slot this epoch exceed "
+                f"data.max_corrupt_fraction={self.cfg.max_corrupt_fraction:g} of its samples; last: {what}. "
+                "Rewrite the damaged shards with jobs/make_shards.py"
+            ) from error
+        if count - lost < CORRUPT_WARNINGS_PER_EPOCH:
+            log.warning("skipped %d corrupt sample(s): %s", lost, what)
+
     def release(self, worker: int, seq: int) -> None:
         """Main process: batch ``seq`` of ``worker`` and all before it are copied out (_BatchRing)."""
         assert self._released is not None
         self._released[worker] = seq + 1
 
-    def _pass(self, plan: SlotPlan, *, skip: int = 0) -> Iterator[dict]:
+    def _read(self, shard_indices: list[int], worker: int, keep_every: int) -> Iterator[dict]:
+        """The raw samples of these shards in order; a shard whose tar structure breaks ends there, its
+        remaining samples (by the manifest) handed to ``_corrupt``. Read errors of the storage itself (a
+        connection reset) are not corruption: they propagate and the run is retried."""
+        for index in shard_indices:
+            read = 0
+            try:
+                for sample in read_samples([self.urls[index]]):
+                    read += 1
+                    yield sample
+            except LoaderError as error:
+                # The sample being grouped when the structure broke is lost too (its members may be cut).
+                # When every slot reads every shard (keep_every > 1), each loses its share of the rest.
+                lost = max(1, -(-(self.shard_sizes[index] - read) // keep_every))
+                self._corrupt(worker, f"{error} (the shard's last {lost} samples)", error, lost=lost)
+
+    def _pass(self, plan: SlotPlan, worker: int, *, skip: int = 0) -> Iterator[dict]:
         """The plan's samples in order, less the first ``skip``."""
         shard_indices = plan.shard_indices
         if plan.keep_every == 1:
             while shard_indices and self.shard_sizes[shard_indices[0]] <= skip:
                 skip -= self.shard_sizes[shard_indices[0]]  # a whole shard skipped is never opened
                 shard_indices = shard_indices[1:]
-        samples = read_samples([self.urls[i] for i in shard_indices])
+        samples = self._read(shard_indices, worker, plan.keep_every)
         if plan.keep_every > 1:
             samples = (s for j, s in enumerate(samples) if j % plan.keep_every == plan.keep_offset)
         yield from itertools.islice(samples, skip, None)
 
-    def _train_samples(self, group: int, n_groups: int, rng: random.Random, *, skip: int) -> Iterator[dict]:
+    def _train_samples(
+        self, group: int, n_groups: int, rng: random.Random, worker: int, *, skip: int
+    ) -> Iterator[dict]:
         """Endless raw samples of one group (the slot itself at k=1), passes of shards seeded by
         (seed, epoch // k, pass), from the ``skip``-th on."""
         cycle = self.epoch // self.cfg.repeated_augment
@@ -422,7 +478,7 @@ class _SlotStream(IterableDataset):
                 skip -= length
                 continue
             produced = 0
-            for sample in self._pass(plan, skip=skip):
+            for sample in self._pass(plan, worker, skip=skip):
                 produced += 1
                 if self.factors is None:
                     yield sample
@@ -437,21 +493,24 @@ class _SlotStream(IterableDataset):
                 )
         raise AssertionError("unreachable: the consumer stops at its batch quota")
 
-    def _group_stream(self, group: int, n_groups: int, *, buffer: int, skip: int) -> Iterator[dict]:
+    def _group_stream(
+        self, group: int, n_groups: int, worker: int, *, buffer: int, skip: int
+    ) -> Iterator[dict]:
         """One group's shuffled stream: the same on every rank that reads it (no rank in any seed)."""
         rng = random.Random(_seed(self.cfg.seed, self.epoch, group, 1))
         return wds.filters.shuffle(buffer, initial=buffer, rng=rng)(
-            self._train_samples(group, n_groups, rng, skip=skip)
+            self._train_samples(group, n_groups, rng, worker, skip=skip)
         )
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict, worker: int) -> tuple[torch.Tensor, int] | None:
+        """The sample's transformed image and label; None for a corrupt one skipped (``_corrupt``)."""
         try:
             image = transforms.decode(sample["jpg"])
             label = int(sample["cls"])
         except Exception as err:  # a corrupt member: name it instead of a bare decoder traceback
-            raise LoaderError(
-                f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {err}"
-            ) from err
+            what = f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}"
+            self._corrupt(worker, f"{what}: {transforms.decoder_message(err)}", err)
+            return None
         return self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple]:
@@ -461,10 +520,12 @@ class _SlotStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, n_slots = self.rank * num_workers + worker, self.world_size * num_workers
         batch_size = self.cfg.batch_size_per_worker
+        self._skipped[worker] = 0
         if self.train:
             quota = split_quota(self.batches_per_rank, num_workers, worker)
             if quota == 0:
                 return
+            self._corrupt_budget = self.cfg.max_corrupt_fraction * quota * batch_size
             torch.manual_seed(_seed(self.cfg.seed, self.epoch, slot, 2))  # augmentation randomness
             # Repeated augmentation (module docstring): copy c comes from rank (rank - c)'s group stream.
             # At k=1 the one group is this slot and the stream is the plain per-slot stream.
@@ -480,21 +541,31 @@ class _SlotStream(IterableDataset):
             skip = (self.epoch % k) * per_stream  # this epoch's part of the streams (0 at k=1)
             copies = collections.Counter(groups)  # k > world size: a group taken twice by this slot
             teed = {
-                group: iter(itertools.tee(self._group_stream(group, n_slots, buffer=buffer, skip=skip), n))
+                group: iter(
+                    itertools.tee(self._group_stream(group, n_slots, worker, buffer=buffer, skip=skip), n)
+                )
                 for group, n in copies.items()
             }
             per_copy = [next(teed[group]) for group in groups]  # round-robin over the copies:
             samples = (sample for row in zip(*per_copy, strict=True) for sample in row)
         else:
             quota = None
-            samples = self._pass(plan_slot(list(range(len(self.urls))), slot=slot, n_slots=n_slots))
+            plan = plan_slot(list(range(len(self.urls))), slot=slot, n_slots=n_slots)
+            self._corrupt_budget = self.cfg.max_corrupt_fraction * plan_length(plan, self.shard_sizes)
+            samples = self._pass(plan, worker)
+        if self.encoded:
+            yield from self._encoded_batches(samples, worker, batch_size, quota)
+            return
         image_shape = (3, *self.image_size)
         if info is not None and self._ring is None:
             self._ring = _BatchRing(self._released, worker)
         produced = filled = 0
         batch: Batch | None = None
         for sample in samples:
-            image, label = self._decode(sample)
+            decoded = self._decode(sample, worker)
+            if decoded is None:
+                continue
+            image, label = decoded
             if batch is None:
                 if self._ring is not None:
                     seq, batch = self._ring.take(batch_size, image_shape)
@@ -517,6 +588,72 @@ class _SlotStream(IterableDataset):
             images, labels = batch[0][:filled], batch[1][:filled]
             yield (images, labels, worker, seq) if self._ring is not None else (images, labels)
 
+    def _encoded_batches(
+        self, samples: Iterator[dict], worker: int, batch_size: int, quota: int | None
+    ) -> Iterator[EncodedBatch]:
+        """data.decode=gpu: batches of undecoded JPEGs, ``quota`` of them in training."""
+        produced = 0
+        jpegs: list[bytes] = []
+        labels: list[int] = []
+        names: list[str] = []
+        for sample in samples:
+            name = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+            try:
+                jpeg, label = sample["jpg"], int(sample["cls"])
+            except (KeyError, ValueError) as err:
+                self._corrupt(worker, f"{name} has no jpg or class: {err!r}", err)
+                continue
+            jpegs.append(jpeg)
+            labels.append(label)
+            names.append(name)
+            if len(jpegs) == batch_size:
+                yield _encode_batch(jpegs, labels, names)
+                jpegs, labels, names = [], [], []
+                produced += 1
+                if produced == quota:
+                    return
+        if jpegs and not self.train:
+            yield _encode_batch(jpegs, labels, names)
+
+    def decoding_epoch(self, samples: int) -> None:
+        """data.decode=gpu: the training process starts an epoch of ``samples`` to decode (its skip count
+        and budget)."""
+        self.main_skipped, self.main_budget = 0, self.cfg.max_corrupt_fraction * samples
+
+    def decode_batch(self, batch: EncodedBatch, device: torch.device) -> Batch:
+        """data.decode=gpu, in the training process: one batch decoded on ``device`` (nvJPEG on CUDA) and
+        transformed there image by image (sizes differ until the crop); a JPEG that does not decode is
+        handled as in the workers (``_corrupt``) and leaves the batch one image short."""
+        data, offsets, labels, names = batch
+        jpegs = [data[offsets[i] : offsets[i + 1]] for i in range(len(labels))]
+        try:
+            images: list[torch.Tensor | None] = list(transforms.decode_batch(jpegs, device))
+        except RuntimeError:  # one bad JPEG fails the whole call: find it
+            images = [self._decode_one(jpeg, device, name) for jpeg, name in zip(jpegs, names, strict=True)]
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:  # an empty batch would be a NaN loss, or a rank a step short
+            raise LoaderError(f"no image of a batch of {len(jpegs)} decodes; rewrite the shards")
+        return torch.stack([self.transform(images[i]) for i in keep]), labels[keep]
+
+    def _decode_one(self, jpeg: torch.Tensor, device: torch.device, what: str) -> torch.Tensor | None:
+        try:
+            return transforms.decode_batch([jpeg], device)[0]
+        except RuntimeError as err:
+            self._corrupt(None, f"cannot decode {what}: {transforms.decoder_message(err)}", err)
+            return None
+
+
+EncodedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
+"""data.decode=gpu: (JPEG bytes of a batch back to back uint8 [N], offsets int64 [B + 1], labels int64 [B],
+the samples' names for error messages)."""
+
+
+def _encode_batch(jpegs: list[bytes], labels: list[int], names: list[str]) -> EncodedBatch:
+    """One tensor for the whole batch's bytes: one shared-memory segment to hand over, not B of them."""
+    offsets = torch.tensor([0, *itertools.accumulate(len(j) for j in jpegs)], dtype=torch.int64)
+    data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+    return data, offsets, torch.tensor(labels, dtype=torch.int64), names
+
 
 class ShardLoader:
     """Batches of one split for one rank. Re-iterable; call ``set_epoch`` before each training epoch.
@@ -525,16 +662,31 @@ class ShardLoader:
     garbage-collected."""
 
     def __init__(
-        self, manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1
+        self,
+        manifest: Manifest,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world size {world_size}")
+        if cfg.decode == "gpu" and (device is None or device.type != "cuda"):
+            raise LoaderError(
+                f"data.decode=gpu: this worker trains on {device or 'no device'}, not a CUDA GPU; set "
+                "scaling.use_gpu: true on GPU nodes, or data.decode: cpu"
+            )
+        self.device = device
         self.manifest = manifest
         self.cfg = cfg
         self.train = train
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skipped = 0
+        """Corrupt samples skipped in the last complete iteration (data.on_corrupt=skip), over its workers."""
         batch = cfg.batch_size_per_worker
         self.num_workers = cfg.loader_workers
         self._stream: _SlotStream | None = None
@@ -571,6 +723,16 @@ class ShardLoader:
                 images, labels = images.clone(), labels.clone()
             stream.release(worker, seq)
             yield images, labels
+
+    def _decoded(self, stream: _SlotStream, batches: Iterable) -> Iterator[Batch]:
+        """data.decode=gpu: the workers' JPEG batches decoded and augmented on this loader's device."""
+        assert self.device is not None
+        # Augmentation draws from torch's global generator in this process: seeded per epoch and rank as the
+        # workers' are per slot, so a resumed epoch sees the same crops.
+        torch.manual_seed(_seed(self.cfg.seed, self.epoch, self.rank, 3))
+        stream.decoding_epoch(self.num_samples)
+        for batch in batches:
+            yield stream.decode_batch(batch, self.device)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -610,22 +772,34 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         stream, batches = self._source()
         stream.set_epoch(self.epoch)
-        if self.num_workers > 0:
+        if stream.encoded:
+            batches = self._decoded(stream, batches)
+        elif self.num_workers > 0:
             batches = self._copied_out(stream, batches)
         count = 0
         for batch in batches:
             count += 1
             yield batch
-        assert count == self.num_batches, (
+        self.skipped = stream.skipped()
+        # Training streams run on past a skipped sample; evaluation covers what is readable, so may come short.
+        short = not self.train and self.skipped > 0 and count <= self.num_batches
+        assert count == self.num_batches or short, (
             f"rank {self.rank} produced {count} batches, planned {self.num_batches}"
         )
 
 
 def build_loader(
-    manifest: Manifest, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1
+    manifest: Manifest,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
 ) -> ShardLoader:
-    """The loader of one split for one rank (see the module docstring for the guarantees)."""
-    return ShardLoader(manifest, cfg, train=train, rank=rank, world_size=world_size)
+    """The loader of one split for one rank (see the module docstring for the guarantees). ``device`` is the
+    training device, where data.decode=gpu decodes."""
+    return ShardLoader(manifest, cfg, train=train, rank=rank, world_size=world_size, device=device)
 
 
 class DataWait:

@@ -38,8 +38,21 @@ def decode(jpeg: bytes) -> torch.Tensor:
     return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
+def decode_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG byte tensors -> uint8 tensors (3, H, W) on ``device``, in one call: nvJPEG's batched decode on
+    CUDA (data.decode=gpu), libjpeg on the CPU. RuntimeError if any of them does not decode."""
+    return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
 class ImageDecodeError(ValueError):
     """Bytes that are no readable image (empty, truncated, another kind of file)."""
+
+
+def decoder_message(error: Exception) -> str:
+    """A decoder error's first sentence, without the C++ source location torchvision puts before it
+    ("decode_jpeg, .../decode_jpeg.cpp:171, Not a JPEG file: ...")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^.*\.cpp:\d+,?\s*", "", text).split(". ")[0]
 
 
 def decode_any(data: bytes) -> torch.Tensor:
@@ -54,9 +67,7 @@ def decode_any(data: bytes) -> torch.Tensor:
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as error:
-        # torchvision prefixes its C++ source location ("decode_jpeg, .../decode_jpeg.cpp:171, ..."): drop it
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        first = re.sub(r"^.*\.cpp:\d+,?\s*", "", text).split(". ")[0]
+        first = decoder_message(error)
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 

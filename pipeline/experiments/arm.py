@@ -28,7 +28,7 @@ from pipeline.train.build import build_run, fit_run
 from pipeline.train.loop import FitResult, evaluate
 
 # Per-epoch keys left out of the summary: one series per class, and timings that depend on the machine's load.
-_NOT_SUMMARIZED = ("/recall/", "/precision/", "system/", "train/lr")
+_NOT_SUMMARIZED = ("/recall/", "/precision/", "system/", "train/lr", "data/skipped")
 
 
 @dataclass
@@ -90,7 +90,9 @@ def train_arm(
     classes = parts.train_manifest.classes
     counts = parts.train_manifest.counts()
     minority = classes[counts.index(min(counts))] if max(counts) > min(counts) else None
-    train_eval = build_loader(parts.train_manifest, cfg.data, train=False) if eval_train_set else None
+    train_eval = (
+        build_loader(parts.train_manifest, cfg.data, train=False, device=device) if eval_train_set else None
+    )
     added: dict[int, dict[str, float]] = {}
 
     def on_epoch_end(state: Any, metrics: dict[str, float]) -> None:

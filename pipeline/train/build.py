@@ -115,8 +115,9 @@ def build_run(
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_loader = build_loader(train_manifest, cfg.data, train=True, rank=rank, world_size=world_size)
-    val_loader = build_loader(val_manifest, cfg.data, train=False, rank=rank, world_size=world_size)
+    splits = dict(rank=rank, world_size=world_size, device=device)
+    train_loader = build_loader(train_manifest, cfg.data, train=True, **splits)
+    val_loader = build_loader(val_manifest, cfg.data, train=False, **splits)
     # One optimizer step sees accumulate_steps batches of every rank: that is the batch the lr scales with.
     global_batch = cfg.data.batch_size_per_worker * world_size * cfg.train.accumulate_steps
     optimizer_steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)

@@ -356,6 +356,10 @@ def fit(
             [loss_sum.item(), correct.item(), float(seen), seen / train_seconds], device
         )
         val = evaluate(model, val_loader, device=device, cfg=train_cfg)
+        # Corrupt samples the loaders skipped (data.on_corrupt=skip) in this epoch's training and evaluation.
+        (skipped,) = _reduce_sums(
+            [float(getattr(train_loader, "skipped", 0) + getattr(val_loader, "skipped", 0))], device
+        )
         ema_val = None if ema is None else evaluate(ema.module, val_loader, device=device, cfg=train_cfg)
         metrics = {
             "train/loss": train_loss / train_seen,
@@ -363,6 +367,7 @@ def fit(
             "train/lr": optimizer.param_groups[0]["lr"],
             **val.metrics(class_names),
             **({} if ema_val is None else _ema_metrics(ema_val)),
+            "data/skipped": skipped,
             "system/images_per_s": images_per_s,  # summed over ranks: the job's throughput
             "system/data_wait": meter.wait_seconds / train_seconds,
             "system/epoch_s": time.perf_counter() - started,

@@ -38,6 +38,8 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], *, eta_s: flo
         f"data {metrics['system/data_wait']:.0%}",
         f"{metrics['system/epoch_s']:.1f} s",
     ]
+    if metrics.get("data/skipped"):
+        system.append(f"{metrics['data/skipped']:.0f} corrupt skipped")
     if eta_s is not None:
         system.append(f"eta {_duration(eta_s)}")
     return "  ".join(parts) + " | " + "  ".join(val) + " | " + "  ".join(system)
