@@ -34,6 +34,7 @@ import torch
 
 from pipeline.config import CheckpointConfig, ConfigError, ScalingConfig, replace_fields
 from pipeline.data.loader import LoaderError
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import PipelineError
 from pipeline.specs import WorkerSpec
 from pipeline.tracking.base import MetricBuffer
@@ -177,6 +178,7 @@ def launch(
     mode: str,
     callbacks: list[Any] | None = None,
     tracking: TrackingCallback | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> LaunchResult:
     """Run ``train_fn(spec)`` on ``scaling.num_workers`` DDP workers and wait for it.
 
@@ -185,7 +187,8 @@ def launch(
 
     ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
     ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial;
-    ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side.
+    ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side. ``datasets``:
+    Ray Datasets split across the workers (``data.backend: ray_data``, :mod:`pipeline.data.ray_ingest`).
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -197,6 +200,8 @@ def launch(
         ensure_ray(scaling)
     trainer = TorchTrainer(
         functools.partial(train_fn, spec),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)) if datasets else None,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=RayScalingConfig(
             num_workers=scaling.num_workers,
@@ -481,7 +486,15 @@ def pretrain_worker(spec: WorkerSpec) -> None:
     device = ray.train.torch.get_device()
     # Every rank reads the source weights from storage the whole cluster sees (the driver put them there).
     source = read_state(spec.source_url) if spec.source_url else None
-    parts = build_run(cfg, rank=rank, world_size=world_size, device=device, source=source)
+    train_loader = None
+    if cfg.data.backend == "ray_data":
+        from pipeline.data.ray_ingest import shard_loader
+
+        num_samples = load_manifest(cfg.data.train_manifest).num_samples
+        train_loader = shard_loader(cfg.data, num_samples=num_samples, world_size=world_size)
+    parts = build_run(
+        cfg, rank=rank, world_size=world_size, device=device, source=source, train_loader=train_loader
+    )
     model = ray.train.torch.prepare_model(
         parts.model,
         move_to_device=False,
