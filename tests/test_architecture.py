@@ -18,6 +18,7 @@ ADAPTERS = {
     "mlflow": ("pipeline/tracking/",),
     "ray": (
         "pipeline/launch.py",
+        "pipeline/launch_callbacks.py",
         "pipeline/search/tuner.py",
         "pipeline/batch_inference.py",
         "pipeline/data/ray_ingest.py",

@@ -45,6 +45,10 @@ CASES = {
     ),
     "sync batchnorm on cpu": (["train.sync_batchnorm=true"], "train.sync_batchnorm: needs GPU workers"),
     "ema selected but off": (["train.ema.select=ema"], "train.ema.select: ema needs train.ema.enabled"),
+    "ray data with oversampling": (
+        ["data.backend=ray_data", "data.oversample=true"],
+        "data.oversample: not available with data.backend: ray_data",
+    ),
     "gpu decode on cpu workers": (
         ["data.decode=gpu"],
         "data.decode: gpu decodes on the training workers' GPUs",
