@@ -9,7 +9,8 @@ All rows do RandomResizedCrop(R) + flip on the same JPEG bytes:
   server on 127.0.0.1, started here, in this process), torchvision ``ImageFolder`` + ``DataLoader`` on the
   same files (PIL, float output as in torchvision's reference scripts), the loader with ``data.decode: gpu``
   (workers read tar bytes, nvJPEG decodes and the crop runs on the GPU; ``n/a`` without CUDA), and a row for
-  the Ray Data path, ``n/a`` until ``data.backend: ray_data`` exists: register its reader in ``COMPARED``.
+  the Ray Data path (``data.backend: ray_data``: read and decode tasks on a local Ray instance limited to
+  N CPUs, batches iterated here).
 
 Each loader row also reports the host CPU it used (the process and its loader workers, CPU seconds per
 1,000 images): what data.decode=gpu is for is freeing those cores.
@@ -201,8 +202,33 @@ def gpu_decode(setup: Setup, workers: int) -> Run | None:
 
 
 def ray_data(setup: Setup, workers: int) -> Run | None:
-    """The loader with ``data.backend: ray_data``: not implemented yet, so this row prints n/a."""
-    return None
+    """``data.backend: ray_data``'s pipeline (pipeline.data.ray_ingest) read by this process, with Ray Data
+    limited to ``workers`` CPUs for its read and decode tasks, on a local Ray instance started here once."""
+    import ray
+    import ray.data
+
+    from pipeline.data.ray_ingest import training_dataset
+
+    if not ray.is_initialized():
+        # One CPU more than the most workers: this process's iteration (the training worker's place).
+        ray.init(num_cpus=setup.args.workers + 1, include_dashboard=False, log_to_driver=False)
+    cfg = dataclasses.replace(setup.data_config(workers), backend="ray_data")
+
+    def run() -> Timed:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=workers)
+        dataset = training_dataset(setup.local, cfg)
+
+        def epoch(_e: int):
+            batches = dataset.iter_torch_batches(batch_size=setup.args.batch_size, drop_last=True)
+            return ((b["image"], b["label"]) for b in batches)
+
+        # Ray's task processes are the raylet's children, not this process's: their CPU is not measured.
+        return dataclasses.replace(_timed_epochs(epoch, epochs=setup.args.epochs), cpu_s=None)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -329,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_index + 1}/{args.repeats} done", file=sys.stderr)
     finally:
         stop_server()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
     load_after = os.getloadavg()
 
     def rate(key: str) -> float | None:

@@ -77,6 +77,11 @@ class DataConfig:
     verify_shards: Literal["size", "checksum", "off"] = "size"
     """Checked against the manifests before any resource is taken: each shard's size (one stat per shard),
     also its sha256 (checksum: reads every byte once), or nothing (off)."""
+    backend: Literal["webdataset", "ray_data"] = "webdataset"
+    """How training batches reach the workers. webdataset: each worker's own loader reads, decodes and
+    augments its shards (no spare CPUs needed, reproducible from data.seed). ray_data: Ray Data CPU tasks,
+    on any node with CPUs, read, decode and augment, and Ray Train streams each worker its share: for GPU
+    nodes short of decode cores. Evaluation reads its shards with the webdataset loader either way."""
     decode: Literal["cpu", "gpu"] = "cpu"
     """Where JPEGs are decoded and augmented. cpu: in the loader workers (the default). gpu: the workers only
     read tar bytes; each training worker decodes its whole batch with nvJPEG

@@ -33,8 +33,15 @@ import ray.train.torch
 import torch
 
 from pipeline.config import CheckpointConfig, ConfigError, ScalingConfig, replace_fields
-from pipeline.data.loader import LoaderError
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import PipelineError
+from pipeline.launch_callbacks import (
+    TRACKED_KEY,
+    WORKER_ENV,
+    DeterministicErrorGuard,
+    DeterministicWorkerError,
+    TrackingCallback,
+)
 from pipeline.specs import WorkerSpec
 from pipeline.tracking.base import MetricBuffer
 from pipeline.train.build import build_run, fit_run, replica_digests
@@ -42,8 +49,6 @@ from pipeline.train.loop import unwrap
 from pipeline.train.state import TrainState, load_checkpoint, read_state, save_checkpoint
 
 STATE_FILE = "state.pt"
-# Offline and quiet in every worker, whatever the environment of the node's raylet.
-_WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class LaunchError(PipelineError, RuntimeError):
@@ -177,6 +182,7 @@ def launch(
     mode: str,
     callbacks: list[Any] | None = None,
     tracking: TrackingCallback | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> LaunchResult:
     """Run ``train_fn(spec)`` on ``scaling.num_workers`` DDP workers and wait for it.
 
@@ -185,7 +191,8 @@ def launch(
 
     ``storage_path`` must already be absolute (or ``s3://``): workers do not share the driver's cwd.
     ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial;
-    ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side.
+    ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side. ``datasets``:
+    Ray Datasets split across the workers (``data.backend: ray_data``, :mod:`pipeline.data.ray_ingest`).
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -197,6 +204,8 @@ def launch(
         ensure_ray(scaling)
     trainer = TorchTrainer(
         functools.partial(train_fn, spec),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)) if datasets else None,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=RayScalingConfig(
             num_workers=scaling.num_workers,
@@ -236,131 +245,6 @@ def launch(
     if local:  # Ray kept only a reference to report_epoch's directory; it was copied above
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return LaunchResult(checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=run_path)
-
-
-TRACKED_KEY = "tracked_points"
-"""Report key of the JSON list of [metric, step, value] points rank 0 logged since the previous report."""
-
-
-class TrackingCallback(ray.train.UserCallback):
-    """Logs what the workers report into the run's MLflow record, from Ray Train's controller.
-
-    The controller runs on the node of the process that called ``fit()`` (Ray pins it there), i.e. beside the
-    driver, so a tracking URI the driver can use - a local sqlite file included - works here too, and no
-    worker ever needs to reach the store. A report arrives once its checkpoint is stored, so an epoch is
-    logged exactly when it can no longer be re-run by a restart; points a resumed run already holds are
-    skipped. Tracking failures never end training: the tracker drops calls while the server is away (the
-    driver back-fills the epochs from the checkpoint's history at the end, or on ``--resume``).
-    """
-
-    def __init__(self, *, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self._tracker = None
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        points = json.loads(metrics[0].get(TRACKED_KEY) or "[]") if metrics else []
-        if not points:
-            return
-        # An exception here would end the run (Ray makes it a controller error): never for tracking.
-        try:
-            log_points(self._open(), points)
-        except Exception as error:
-            print(
-                f"tracking: could not log epoch metrics ({type(error).__name__}: {error}); training goes on"
-            )
-
-    def _open(self):
-        if self._tracker is None:
-            from pipeline.provenance import redact_uri
-            from pipeline.tracking.mlflow_tracker import MlflowTracker, TolerantTracker
-
-            os.environ.update(_WORKER_ENV)
-            self._tracker = TolerantTracker(
-                _LazyRun(
-                    lambda: MlflowTracker(
-                        tracking_uri=self.tracking_uri, experiment="", run_name="", run_id=self.run_id
-                    )
-                ),
-                where=redact_uri(self.tracking_uri),
-            )
-        return self._tracker
-
-
-class _LazyRun:
-    """Opens the tracker on first use and again after a failed open (the server may be down at first)."""
-
-    def __init__(self, open_run: Callable[[], Any]) -> None:
-        self._open_run, self._inner = open_run, None
-
-    @property
-    def run_id(self) -> str | None:
-        return None if self._inner is None else self._inner.run_id
-
-    def __getattr__(self, name: str) -> Any:
-        if self._inner is None:
-            self._inner = self._open_run()
-        return getattr(self._inner, name)
-
-
-def log_points(tracker: Any, points: list[list]) -> None:
-    """Log reported ``[metric, step, value]`` points, one ``log_metrics`` call per step."""
-    from pipeline.tracking.base import points_by_step
-
-    for step, values in sorted(points_by_step(points).items()):
-        tracker.log_metrics(values, step=step)
-
-
-class DeterministicErrorGuard(ray.train.UserCallback):
-    """Stops a run at once when a worker raised an error that a restart would only repeat.
-
-    Ray Train restarts the worker group on any worker error, up to ``max_failures`` times. That is right for
-    a lost worker (a dead process or node: Ray reports a failed health check) and for what its peers see
-    then (a torch.distributed error in the collective they were in), and for I/O that may succeed next
-    time (``OSError``, which covers connection errors, timeouts and our storage errors). Any other Python
-    exception raised by a live worker - a bug, a bad config value, an unsupported layer - happens again at
-    the same step after every restart: the seen case was a channels_last recipe that lost its first epoch
-    and then every restart. Raising here, in the controller, ends the run (Ray treats a callback error as a
-    controller error, which it does not retry), and the job fails with the worker's error.
-    """
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        # A damaged shard (the loader names it) fails the same way after a restart, and its peers' broken
-        # collectives would otherwise look like a lost worker: stop on it whatever the others raised.
-        data = {rank: e for rank, e in worker_exceptions.items() if isinstance(e, LoaderError)}
-        if not data and (not worker_exceptions or any(_retryable(e) for e in worker_exceptions.values())):
-            return
-        rank, error = min((data or worker_exceptions).items())
-        # Raised as the ControllerError Ray would wrap it in: the controller then logs it once (its failure
-        # decision) instead of adding an "Error in control loop iteration" traceback first.
-        raise ray.train.ControllerError(
-            DeterministicWorkerError(
-                f"rank {rank} raised {type(error).__name__}: {str(error).strip()[:400]} "
-                "(an error in the training code or config, not a lost worker: not retried)"
-            )
-        )
-
-
-class DeterministicWorkerError(RuntimeError):
-    """A worker's error that a restart would repeat (see :class:`DeterministicErrorGuard`)."""
-
-
-def _retryable(error: BaseException) -> bool:
-    from ray.exceptions import RayActorError
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
-
-    return isinstance(
-        error, WorkerHealthCheckFailedError | RayActorError | torch.distributed.DistError | OSError
-    ) or any(mark in str(error) for mark in _COLLECTIVE_FAILURE_MARKS)
-
-
-# A peer that died mid-collective: gloo raises a plain RuntimeError naming its transport, not a DistError.
-_COLLECTIVE_FAILURE_MARKS = (
-    "gloo/transport",
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "NCCL",
-)
 
 
 def _failure_text(error: BaseException) -> str:
@@ -461,7 +345,7 @@ def _quiet_ray_reports() -> None:
 def pretrain_worker(spec: WorkerSpec) -> None:
     """One DDP rank of a pre-training or fine-tuning run (the same loop). No tracking address: what the run
     records travels with its reports."""
-    os.environ.update(_WORKER_ENV)
+    os.environ.update(WORKER_ENV)
     os.environ.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume a foreign run
     # Workers never talk to the tracking store (on a cluster it may be a file on the driver's node): any
     # import of mlflow in a worker process now fails at once, naming itself. In local mode the worker is the
@@ -481,7 +365,15 @@ def pretrain_worker(spec: WorkerSpec) -> None:
     device = ray.train.torch.get_device()
     # Every rank reads the source weights from storage the whole cluster sees (the driver put them there).
     source = read_state(spec.source_url) if spec.source_url else None
-    parts = build_run(cfg, rank=rank, world_size=world_size, device=device, source=source)
+    train_loader = None
+    if cfg.data.backend == "ray_data":
+        from pipeline.data.ray_ingest import shard_loader
+
+        num_samples = load_manifest(cfg.data.train_manifest).num_samples
+        train_loader = shard_loader(cfg.data, num_samples=num_samples, world_size=world_size)
+    parts = build_run(
+        cfg, rank=rank, world_size=world_size, device=device, source=source, train_loader=train_loader
+    )
     model = ray.train.torch.prepare_model(
         parts.model,
         move_to_device=False,

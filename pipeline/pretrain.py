@@ -56,6 +56,33 @@ class PretrainOutcome:
     """A :class:`pipeline.tracking.mlflow_tracker.Registration` when the model was registered."""
 
 
+def ray_datasets(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """Ray Train's datasets for data.backend: ray_data (built on the driver), else None."""
+    if cfg.data.backend != "ray_data":
+        return None
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.ray_ingest import datasets_for
+
+    return datasets_for(load_manifest(cfg.data.train_manifest), cfg.data)
+
+
+def _check_ray_data(cfg: PretrainConfig) -> None:
+    """What data.backend: ray_data does not do (pipeline.data.ray_ingest), refused before anything starts."""
+    unsupported = {
+        "data.oversample": cfg.data.oversample,
+        "data.repeated_augment": cfg.data.repeated_augment > 1,
+        "data.on_corrupt": cfg.data.on_corrupt == "skip",
+        "data.decode": cfg.data.decode == "gpu",
+        "scaling.num_workers": cfg.scaling.num_workers == 0,
+    }
+    for field_name, used in unsupported.items():
+        if used:
+            raise ConfigError(
+                f"{field_name}: not available with data.backend: ray_data (Ray Train workers stream Ray Data "
+                "shards; local mode has none); use data.backend: webdataset"
+            )
+
+
 def validate_model(cfg: PretrainConfig) -> str:
     """The architecture's full name; ConfigError for an unknown name, scaling knob or stochastic depth."""
     from pipeline.models import UnknownModelError, get_spec
@@ -76,6 +103,8 @@ def validate_model(cfg: PretrainConfig) -> str:
     if cfg.train.sync_batchnorm and not cfg.scaling.use_gpu:
         # torch's SyncBatchNorm has no CPU kernel: every worker would fail at its first forward pass.
         raise ConfigError("train.sync_batchnorm: needs GPU workers (scaling.use_gpu: true); remove it on CPU")
+    if cfg.data.backend == "ray_data":
+        _check_ray_data(cfg)
     if cfg.data.decode == "gpu" and not cfg.scaling.use_gpu:
         raise ConfigError(
             "data.decode: gpu decodes on the training workers' GPUs (nvJPEG); set scaling.use_gpu: true, "
@@ -448,6 +477,7 @@ class TrainingJob:
             tracking=TrackingCallback(tracking_uri=run.tracking_uri, run_id=run.run_id)
             if run.run_id is not None
             else None,
+            datasets=ray_datasets(cfg),
         )
         return load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE), dict(result.metrics)
 

@@ -16,7 +16,13 @@ JOBS = sorted((REPO / "jobs").glob("*.py"))
 # framework -> the only modules allowed to import it
 ADAPTERS = {
     "mlflow": ("pipeline/tracking/",),
-    "ray": ("pipeline/launch.py", "pipeline/search/tuner.py", "pipeline/batch_inference.py"),
+    "ray": (
+        "pipeline/launch.py",
+        "pipeline/launch_callbacks.py",
+        "pipeline/search/tuner.py",
+        "pipeline/batch_inference.py",
+        "pipeline/data/ray_ingest.py",
+    ),
     "boto3": ("pipeline/data/s3.py", "pipeline/data/storage.py", "pipeline/stack.py"),
 }
 # The local stack (moto, an MLflow server, a Ray head on this machine) is tooling for `make demo`.

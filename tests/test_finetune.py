@@ -108,12 +108,13 @@ def _best_balanced_accuracy(cfg: FinetuneConfig) -> float:
 
 def test_two_stage_from_the_pretrained_model_beats_scratch_on_balanced_accuracy(toy, pretrained):
     """The lecture's fine-tuning claim on the 10:1 imbalanced downstream task with 40..4 labels per class:
-    the same architecture, budget (20 epochs, no early stop) and class weights, two seeds each. Measured
-    (docs/finetuning.md): two_stage 0.38-0.40 vs scratch 0.27-0.31 balanced accuracy on 400 val images."""
+    the same architecture, budget (20 epochs, no early stop) and class weights. Measured (docs/finetuning.md):
+    two_stage 0.38-0.40 vs scratch 0.27-0.31 balanced accuracy on 400 val images over two seeds, so one seed
+    each is compared here with a margin (the experiment finetune_vs_scratch runs three seeds per arm)."""
     torch.set_num_threads(2)
     scores: dict[str, list[float]] = {"two_stage": [], "scratch": []}
     for strategy in scores:
-        for seed in (0, 1):
+        for seed in (0,):
             cfg = _finetune_cfg(
                 toy,
                 f"finetune.source={pretrained}",
@@ -124,8 +125,8 @@ def test_two_stage_from_the_pretrained_model_beats_scratch_on_balanced_accuracy(
                 f"train.seed={seed}",
             )
             scores[strategy].append(_best_balanced_accuracy(cfg))
-    # Beats it on every seed, by more than the seeds' spread (SE of one score on 400 images is ~0.024).
-    assert min(scores["two_stage"]) > max(scores["scratch"]) + 0.03, scores
+    # By twice the standard error of one score on 400 images (~0.024) and more than the two-seed spread.
+    assert min(scores["two_stage"]) > max(scores["scratch"]) + 0.05, scores
 
 
 @pytest.mark.parametrize(

@@ -303,6 +303,34 @@ def _observe_worker(config: dict) -> None:
         ray.train.report({"epoch": 0}, checkpoint=checkpoint)
 
 
+def _ray_data_worker(spec: dict) -> None:
+    """A Train worker that records the batches its Ray Data shard gives (data.backend: ray_data), 2 epochs."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.config import DataConfig
+    from pipeline.data.ray_ingest import shard_loader
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    data = DataConfig(**spec["data"])
+    loader = shard_loader(data, num_samples=spec["num_samples"], world_size=world_size)
+    record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "epochs": []}
+    for epoch in range(EPOCHS_OBSERVED):
+        loader.set_epoch(epoch)
+        batches = [(list(images.shape), str(images.dtype), labels.tolist()) for images, labels in loader]
+        record["epochs"].append({"batches": batches, "length": len(loader)})
+    records: list = [None] * world_size
+    dist.all_gather_object(records, record)
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            Path(directory, "records.json").write_text(json.dumps(records))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"epoch": 0}, checkpoint=checkpoint)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Tests
 
@@ -311,6 +339,61 @@ def _two_worker_scaling():
     from pipeline.config import ScalingConfig
 
     return ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=1.5)
+
+
+def test_ray_data_ingest_decodes_on_a_node_without_training_workers(
+    two_node_cluster, multinode_data, tmp_path
+):
+    """data.backend: ray_data on the cluster: the two DDP ranks hold 1.5 of their node's 2 CPUs, so every
+    decode task (1 CPU) runs on the 1-CPU head, a node with no training worker. Each rank gets exactly
+    num_samples // (world_size x batch) full uint8 batches every epoch (the webdataset loader's contract),
+    and the order changes between epochs."""
+    from ray.util.state import list_tasks
+
+    from pipeline.config import CheckpointConfig, DataConfig, to_dict
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.ray_ingest import datasets_for
+    from pipeline.launch import launch
+
+    data = DataConfig(resolution=32, batch_size_per_worker=BATCH, shuffle_buffer=40, backend="ray_data")
+    manifest = load_manifest(multinode_data["train"])
+    result = launch(
+        _ray_data_worker,
+        spec={"data": to_dict(data), "num_samples": manifest.num_samples},
+        scaling=_two_worker_scaling(),
+        checkpoint=CheckpointConfig(
+            storage_path=str(tmp_path), name="ray-data", num_to_keep=1, max_failures=0
+        ),
+        storage_path=str(tmp_path / "ray_results"),
+        name="ray-data",
+        metric="epoch",
+        mode="max",
+        datasets=datasets_for(manifest, data),
+    )
+    records = json.loads(Path(result.checkpoint_dir, "records.json").read_text())
+    planned = manifest.num_samples // (2 * BATCH)
+    orders = []
+    for epoch in range(EPOCHS_OBSERVED):
+        per_rank = [r["epochs"][epoch] for r in records]
+        for observed in per_rank:
+            assert observed["length"] == planned
+            assert [(b[0], b[1]) for b in observed["batches"]] == [
+                ([BATCH, 3, 32, 32], "torch.uint8")
+            ] * planned
+        labels = [[label for b in observed["batches"] for label in b[2]] for observed in per_rank]
+        orders.append(labels[0])
+    assert orders[0] != orders[1], "each epoch re-runs the pipeline in a new order"
+
+    nodes = _alive_nodes()
+    (head,) = [node for node, cpus in nodes.items() if cpus == 1.0]
+    training_nodes = {r["node_id"] for r in records}
+    assert head not in training_nodes and len(training_nodes) == 2
+    decoded_on = {
+        t.node_id for t in list_tasks(filters=[("name", "=", "MapBatches(_decode_augment)")], limit=1000)
+    }
+    assert decoded_on == {head}, (
+        f"decode tasks ran on {decoded_on}; the training workers are on {training_nodes}"
+    )
 
 
 def test_ranks_on_two_nodes_read_disjoint_shards_and_evaluate_each_sample_once(

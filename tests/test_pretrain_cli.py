@@ -45,7 +45,14 @@ CASES = {
     ),
     "sync batchnorm on cpu": (["train.sync_batchnorm=true"], "train.sync_batchnorm: needs GPU workers"),
     "ema selected but off": (["train.ema.select=ema"], "train.ema.select: ema needs train.ema.enabled"),
-    "gpu decode on cpu workers": (["data.decode=gpu"], "data.decode: gpu decodes on the training workers' GPUs"),
+    "ray data with oversampling": (
+        ["data.backend=ray_data", "data.oversample=true"],
+        "data.oversample: not available with data.backend: ray_data",
+    ),
+    "gpu decode on cpu workers": (
+        ["data.decode=gpu"],
+        "data.decode: gpu decodes on the training workers' GPUs",
+    ),
     "skip limit of 1": (
         ["data.on_corrupt=skip", "data.max_corrupt_fraction=1"],
         "data.max_corrupt_fraction: must be in (0, 1)",

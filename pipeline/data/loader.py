@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig
 from pipeline.data import storage, transforms
 from pipeline.data.manifest import Manifest
+from pipeline.errors import LoaderError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(images uint8 [B, 3, R, R], labels int64 [B])."""
@@ -80,10 +81,6 @@ log = logging.getLogger(__name__)
 CORRUPT_WARNINGS_PER_EPOCH = 3
 """Under data.on_corrupt=skip, each loader slot names this many skipped samples per epoch; the rest are
 only counted (``data/skipped``)."""
-
-
-class LoaderError(ValueError):
-    """The data cannot feed the requested configuration (e.g. fewer samples than one global batch)."""
 
 
 @dataclass(frozen=True)

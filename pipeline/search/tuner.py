@@ -35,6 +35,7 @@ from ray import tune
 
 from pipeline.config import ParamSpace, PretrainConfig, SearchConfig, SearchSpace
 from pipeline.launch import TRACKED_KEY, ensure_ray, launch, log_points, pretrain_worker
+from pipeline.pretrain import ray_datasets
 from pipeline.search.space import apply_overrides, draw_overrides
 from pipeline.specs import TrialSpec, WorkerSpec
 
@@ -82,6 +83,7 @@ def trial_fn(config: dict[str, Any], spec: TrialSpec, source_url: str | None, en
         metric=cfg.train.watched_metric,
         mode=cfg.train.early_stopping.mode,
         callbacks=[TuneReportCallback()],
+        datasets=ray_datasets(cfg),
     )
 
 

@@ -10,6 +10,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,8 @@ class RunParts:
     """The plain model on ``device`` (channels_last if configured), not yet DDP-wrapped or compiled."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: ShardLoader
+    train_loader: ShardLoader | Any
+    """The rank's ShardLoader, or any loader with its interface (set_epoch, len, skipped; Ray Data's)."""
     val_loader: ShardLoader
     train_manifest: Manifest
     on_epoch_start: Callable[[int], None] | None = None
@@ -95,11 +97,19 @@ def two_stage_hook(model: nn.Module, head_epochs: int) -> Callable[[int], None]:
 
 
 def build_run(
-    cfg: PretrainConfig, *, rank: int, world_size: int, device: torch.device, source: dict | None = None
+    cfg: PretrainConfig,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    source: dict | None = None,
+    train_loader: Any = None,
 ) -> RunParts:
     """One rank's parts. Seeds torch with ``train.seed`` first, so every rank starts from the same weights
     (DDP broadcasts rank 0's anyway; this also makes a 1-worker run reproducible). A
-    :class:`FinetuneConfig` starts from ``source`` with a new head, its strategy and class weights."""
+    :class:`FinetuneConfig` starts from ``source`` with a new head, its strategy and class weights.
+    ``train_loader``: training batches from elsewhere (Ray Data's shard, data.backend: ray_data) instead of
+    this rank's shard loader."""
     torch.manual_seed(cfg.train.seed)
     train_manifest = load_manifest(cfg.data.train_manifest)
     val_manifest = load_manifest(cfg.data.val_manifest)
@@ -116,7 +126,8 @@ def build_run(
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     splits = dict(rank=rank, world_size=world_size, device=device)
-    train_loader = build_loader(train_manifest, cfg.data, train=True, **splits)
+    if train_loader is None:
+        train_loader = build_loader(train_manifest, cfg.data, train=True, **splits)
     val_loader = build_loader(val_manifest, cfg.data, train=False, **splits)
     # One optimizer step sees accumulate_steps batches of every rank: that is the batch the lr scales with.
     global_batch = cfg.data.batch_size_per_worker * world_size * cfg.train.accumulate_steps
