@@ -216,31 +216,65 @@ def _observe_loader(opened: list[dict], decoded: list[str]):
     every sample it decodes, i.e. every sample that ends up in a batch. The loader itself is unchanged."""
     from pipeline.data import loader
 
-    read, decode = loader.read_samples, loader._SlotStream._decode
+    pass_, decode = loader._SlotStream._pass, loader._SlotStream._decode
 
-    def reading(urls):
-        record = {"urls": list(urls), "keys": []}
+    def passing(self, plan, worker, *, skip=0):
+        record = {"urls": [self.urls[i] for i in plan.shard_indices], "keys": []}
         opened.append(record)
-        for sample in read(urls):
+        for sample in pass_(self, plan, worker, skip=skip):
             record["keys"].append(sample["__key__"])
             yield sample
 
-    def decoding(self, sample):
+    def decoding(self, sample, worker):
         decoded.append(sample["__key__"])
-        return decode(self, sample)
+        return decode(self, sample, worker)
 
-    loader.read_samples, loader._SlotStream._decode = reading, decoding
+    loader._SlotStream._pass, loader._SlotStream._decode = passing, decoding
     try:
         yield
     finally:
-        loader.read_samples, loader._SlotStream._decode = read, decode
+        loader._SlotStream._pass, loader._SlotStream._decode = pass_, decode
+
+
+def _report_records(record: dict, *, rank: int, world_size: int) -> None:
+    """In a Train worker: every rank's ``record`` gathered over gloo (between the two nodes) and reported in
+    rank 0's checkpoint as records.json (read back by :func:`_launch_observer`)."""
+    import ray.train
+    import torch.distributed as dist
+
+    records: list = [None] * world_size
+    dist.all_gather_object(records, record)
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            Path(directory, "records.json").write_text(json.dumps(records))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"epoch": 0}, checkpoint=checkpoint)
+
+
+def _launch_observer(worker, spec, tmp_path: Path, name: str, datasets=None) -> list[dict]:
+    """Run an observing Train worker on the two worker nodes; every rank's record, by rank."""
+    from pipeline.config import CheckpointConfig
+    from pipeline.launch import launch
+
+    result = launch(
+        worker,
+        spec=spec,
+        scaling=_two_worker_scaling(),
+        checkpoint=CheckpointConfig(storage_path=str(tmp_path), name=name, num_to_keep=1, max_failures=0),
+        storage_path=str(tmp_path / "ray_results"),
+        name=name,
+        metric="epoch",
+        mode="max",
+        datasets=datasets,
+    )
+    return json.loads(Path(result.checkpoint_dir, "records.json").read_text())
 
 
 def _observe_worker(config: dict) -> None:
     import ray
     import ray.train
     import torch
-    import torch.distributed as dist
 
     from pipeline.config import DataConfig, TrainConfig
     from pipeline.data.loader import build_loader
@@ -293,21 +327,13 @@ def _observe_worker(config: dict) -> None:
                 "planned_samples": val.num_samples,
                 "planned_batches": len(val),
             }
-    records: list = [None] * world_size
-    dist.all_gather_object(records, record)  # over gloo, between the two nodes
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            Path(directory, "records.json").write_text(json.dumps(records))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({"epoch": 0}, checkpoint=checkpoint)
+    _report_records(record, rank=rank, world_size=world_size)
 
 
 def _ray_data_worker(spec: dict) -> None:
     """A Train worker that records the batches its Ray Data shard gives (data.backend: ray_data), 2 epochs."""
     import ray
     import ray.train
-    import torch.distributed as dist
 
     from pipeline.config import DataConfig
     from pipeline.data.ray_ingest import shard_loader
@@ -321,14 +347,7 @@ def _ray_data_worker(spec: dict) -> None:
         loader.set_epoch(epoch)
         batches = [(list(images.shape), str(images.dtype), labels.tolist()) for images, labels in loader]
         record["epochs"].append({"batches": batches, "length": len(loader)})
-    records: list = [None] * world_size
-    dist.all_gather_object(records, record)
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            Path(directory, "records.json").write_text(json.dumps(records))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({"epoch": 0}, checkpoint=checkpoint)
+    _report_records(record, rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -350,27 +369,15 @@ def test_ray_data_ingest_decodes_on_a_node_without_training_workers(
     and the order changes between epochs."""
     from ray.util.state import list_tasks
 
-    from pipeline.config import CheckpointConfig, DataConfig, to_dict
+    from pipeline.config import DataConfig, to_dict
     from pipeline.data.manifest import load_manifest
     from pipeline.data.ray_ingest import datasets_for
-    from pipeline.launch import launch
 
     data = DataConfig(resolution=32, batch_size_per_worker=BATCH, shuffle_buffer=40, backend="ray_data")
     manifest = load_manifest(multinode_data["train"])
-    result = launch(
-        _ray_data_worker,
-        spec={"data": to_dict(data), "num_samples": manifest.num_samples},
-        scaling=_two_worker_scaling(),
-        checkpoint=CheckpointConfig(
-            storage_path=str(tmp_path), name="ray-data", num_to_keep=1, max_failures=0
-        ),
-        storage_path=str(tmp_path / "ray_results"),
-        name="ray-data",
-        metric="epoch",
-        mode="max",
-        datasets=datasets_for(manifest, data),
-    )
-    records = json.loads(Path(result.checkpoint_dir, "records.json").read_text())
+    spec = {"data": to_dict(data), "num_samples": manifest.num_samples}
+    datasets = datasets_for(manifest, data)
+    records = _launch_observer(_ray_data_worker, spec, tmp_path, "ray-data", datasets=datasets)
     planned = manifest.num_samples // (2 * BATCH)
     orders = []
     for epoch in range(EPOCHS_OBSERVED):
@@ -399,9 +406,7 @@ def test_ray_data_ingest_decodes_on_a_node_without_training_workers(
 def test_ranks_on_two_nodes_read_disjoint_shards_and_evaluate_each_sample_once(
     two_node_cluster, multinode_data, tmp_path
 ):
-    from pipeline.config import CheckpointConfig
     from pipeline.data.manifest import load_manifest
-    from pipeline.launch import launch
 
     nodes = _alive_nodes()
     assert sorted(nodes.values()) == [1.0, 2.0, 2.0], (
@@ -410,19 +415,7 @@ def test_ranks_on_two_nodes_read_disjoint_shards_and_evaluate_each_sample_once(
     listening = _listening_addresses(_cluster_pids(two_node_cluster))
     assert listening and listening <= LOOPBACK, f"the cluster listens beyond loopback: {listening}"
 
-    result = launch(
-        _observe_worker,
-        spec=multinode_data,
-        scaling=_two_worker_scaling(),
-        checkpoint=CheckpointConfig(
-            storage_path=str(tmp_path), name="observe", num_to_keep=1, max_failures=0
-        ),
-        storage_path=str(tmp_path / "ray_results"),
-        name="observe",
-        metric="epoch",
-        mode="max",
-    )
-    records = json.loads(Path(result.checkpoint_dir, "records.json").read_text())
+    records = _launch_observer(_observe_worker, multinode_data, tmp_path, "observe")
     assert [r["rank"] for r in records] == [0, 1] and all(r["world_size"] == 2 for r in records)
 
     # One rank per node: two different, live Ray nodes. (Ray reports node_rank 0 on both, as the simulated

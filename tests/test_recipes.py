@@ -457,7 +457,7 @@ def test_the_guard_stops_only_errors_a_restart_would_repeat():
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-    from pipeline.launch import DeterministicErrorGuard, DeterministicWorkerError
+    from pipeline.launch_callbacks import DeterministicErrorGuard, DeterministicWorkerError
 
     guard = DeterministicErrorGuard()
     lost = WorkerHealthCheckFailedError("worker 1 died", ActorDiedError())

@@ -525,7 +525,8 @@ class SearchFailedError(PipelineError, RuntimeError):
 def _short(error: str | None, limit: int = 300) -> str:
     """One line of a trial's error: its last non-empty line (the exception), at most ``limit`` characters."""
     lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    text = lines[-1] if lines else "unknown error"
+    # The launcher's wrapper adds nothing to the worker's error it carries ("rank R raised ...").
+    text = re.sub(r"^[\w.]*LaunchError: ", "", lines[-1]) if lines else "unknown error"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

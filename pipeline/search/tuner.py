@@ -34,7 +34,8 @@ from typing import Any
 from ray import tune
 
 from pipeline.config import ParamSpace, PretrainConfig, SearchConfig, SearchSpace
-from pipeline.launch import TRACKED_KEY, ensure_ray, launch, log_points, pretrain_worker
+from pipeline.launch import ensure_ray, launch, pretrain_worker
+from pipeline.launch_callbacks import TRACKED_KEY, log_points
 from pipeline.pretrain import ray_datasets
 from pipeline.search.space import apply_overrides, draw_overrides
 from pipeline.specs import TrialSpec, WorkerSpec
