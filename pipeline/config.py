@@ -912,6 +912,17 @@ class SearchSpace:
     """Any other recipe field by its dotted name, e.g. {optim.lr: {type: loguniform, low: 1e-3, high: 1e-1}}
     or, for a fine-tuning recipe, {finetune.backbone_lr_factor: ...}."""
 
+    def pbt_mutations(self) -> dict[str, ParamSpace]:
+        """What Population Based Training may change during a trial, by recipe field: the entries for
+        optim.weight_decay and optim.lr that vary (a fixed or one-value entry has nothing to explore)."""
+        named = {"optim.weight_decay": self.weight_decay, "optim.lr": self.extra.get("optim.lr")}
+        return {
+            key: param
+            for key, param in named.items()
+            if param is not None
+            and (param.type in ("loguniform", "uniform") or len(param.values) > 1 and param.type == "choice")
+        }
+
     def entries(self) -> dict[str, ParamSpace]:
         """Every searched entry by its name under ``space.`` (scaling's only in direct mode), in draw order."""
         named = {"weight_decay": self.weight_decay, "dropout": self.dropout}
@@ -939,9 +950,18 @@ class SearchConfig:
     once (num_trials must equal their number)."""
     tpe_startup_trials: int = 10
     """tpe: trials drawn at random before TPE models the results (Optuna's n_startup_trials)."""
-    scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
-    """Early-stopping scheduler; none runs every trial to the full budget (the baseline). Population Based
-    Training is not offered: see docs/tuning.md for why Ray 2.60 cannot run it on Ray Train trials."""
+    scheduler: Literal["asha", "hyperband", "median", "pbt", "none"] = "asha"
+    """Early-stopping scheduler (asha, hyperband, median), Population Based Training (pbt: every
+    ``perturbation_interval`` epochs a trial in the bottom quantile continues from a top trial's weights with
+    that trial's optim.lr and optim.weight_decay perturbed, so the search finds schedules of both), or none:
+    every trial runs the full budget (the baseline)."""
+    perturbation_interval: int = 2
+    """pbt: epochs between two exploit/explore decisions (and between the states a trial keeps for them)."""
+    quantile_fraction: float = 0.25
+    """pbt: the share of trials that exploit (bottom) and are exploited (top) at each decision."""
+    resample_probability: float = 0.25
+    """pbt: chance that explore draws a value afresh from the space instead of multiplying it by 0.8 or 1.2
+    (a choice entry moves to a neighbouring value)."""
     grace_period: int = 1
     """Epochs every trial runs before a scheduler may stop it."""
     reduction_factor: int = 3
@@ -960,6 +980,21 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _check(self.num_trials >= 1, "search.num_trials", f"must be >= 1, got {self.num_trials}")
         _check(self.grace_period >= 1, "search.grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(
+            self.perturbation_interval >= 1,
+            "search.perturbation_interval",
+            f"must be >= 1, got {self.perturbation_interval}",
+        )
+        _check(
+            0.0 < self.quantile_fraction <= 0.5,
+            "search.quantile_fraction",
+            f"must be in (0, 0.5], got {self.quantile_fraction}",
+        )
+        _check(
+            0.0 <= self.resample_probability <= 1.0,
+            "search.resample_probability",
+            f"must be in [0, 1], got {self.resample_probability}",
+        )
         _check(
             self.tpe_startup_trials >= 1,
             "search.tpe_startup_trials",
@@ -1016,6 +1051,15 @@ class TuneConfig:
                     f"space.{name}.values",
                     "tpe chooses among plain values only (numbers, strings, booleans)",
                 )
+        if self.search.scheduler == "pbt":
+            # Tune's PBT mutates the trials' configs itself: it runs beside a list of candidates, not a searcher.
+            _check(sampler != "tpe", "search.sampler", "pbt needs random or grid candidates, got tpe")
+            _check(
+                bool(self.space.pbt_mutations()),
+                "space",
+                "pbt mutates optim.weight_decay and optim.lr: give space.weight_decay or "
+                "space.extra['optim.lr'] a range or more than one value",
+            )
         if sampler == "grid":
             _check(scaling.mode != "compound", "search.sampler", "grid cannot enumerate compound scaling")
             size = 1

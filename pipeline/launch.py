@@ -46,7 +46,7 @@ from pipeline.specs import WorkerSpec
 from pipeline.tracking.base import MetricBuffer
 from pipeline.train.build import build_run, fit_run, replica_digests
 from pipeline.train.loop import unwrap
-from pipeline.train.state import TrainState, load_checkpoint, read_state, save_checkpoint
+from pipeline.train.state import TrainState, load_checkpoint, read_state, retarget_state, save_checkpoint
 
 STATE_FILE = "state.pt"
 
@@ -57,8 +57,9 @@ class LaunchError(PipelineError, RuntimeError):
 
 @dataclass(frozen=True)
 class LaunchResult:
-    checkpoint_dir: str
-    """The latest checkpoint, copied to a local directory (holds :data:`STATE_FILE`)."""
+    checkpoint_dir: str | None
+    """The latest checkpoint, copied to a new local temporary directory (holds :data:`STATE_FILE`), which the
+    caller removes; None when launched with ``fetch_checkpoint=False``."""
     metrics: dict[str, Any]
     """Metrics reported with the latest checkpoint (rank 0's)."""
     run_path: str
@@ -183,6 +184,7 @@ def launch(
     callbacks: list[Any] | None = None,
     tracking: TrackingCallback | None = None,
     datasets: dict[str, Any] | None = None,
+    fetch_checkpoint: bool = True,
 ) -> LaunchResult:
     """Run ``train_fn(spec)`` on ``scaling.num_workers`` DDP workers and wait for it.
 
@@ -193,6 +195,8 @@ def launch(
     ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial;
     ``tracking`` logs the reported metrics to the run's MLflow record from the driver's side. ``datasets``:
     Ray Datasets split across the workers (``data.backend: ray_data``, :mod:`pipeline.data.ray_ingest`).
+    ``fetch_checkpoint``: copy the latest checkpoint to a local directory for the caller (a search's trials
+    do not: the driver reads the best trial's state from storage).
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -240,9 +244,11 @@ def launch(
     run_path = str(result.path) if result.path else f"{storage_path.rstrip('/')}/{name}"
     if result.checkpoint is None:
         raise LaunchError(f"training under {run_path} finished without reporting a checkpoint")
-    local_dir = tempfile.mkdtemp(prefix="pipeline-ckpt-")
-    result.checkpoint.to_directory(local_dir)
-    if local:  # Ray kept only a reference to report_epoch's directory; it was copied above
+    local_dir = None
+    if fetch_checkpoint:
+        local_dir = tempfile.mkdtemp(prefix="pipeline-ckpt-")
+        result.checkpoint.to_directory(local_dir)
+    if local:  # Ray kept only a reference to report_epoch's directory (copied above when asked for)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return LaunchResult(checkpoint_dir=local_dir, metrics=dict(result.metrics or {}), run_path=run_path)
 
@@ -365,6 +371,14 @@ def pretrain_worker(spec: WorkerSpec) -> None:
     device = ray.train.torch.get_device()
     # Every rank reads the source weights from storage the whole cluster sees (the driver put them there).
     source = read_state(spec.source_url) if spec.source_url else None
+    resume = restore_checkpoint()
+    if resume is None and spec.start_from is not None:
+        start = spec.start_from
+        resume = retarget_state(
+            read_state(start.state_url),
+            lr_factor=cfg.optim.lr / start.lr,
+            weight_decay_factor=cfg.optim.weight_decay / start.weight_decay if start.weight_decay else 1.0,
+        )
     train_loader = None
     if cfg.data.backend == "ray_data":
         from pipeline.data.ray_ingest import shard_loader
@@ -402,7 +416,7 @@ def pretrain_worker(spec: WorkerSpec) -> None:
         device=device,
         model=model,
         tracker=buffer,
-        resume=restore_checkpoint(),
+        resume=resume,
         on_epoch_end=on_epoch_end,
         progress=_progress_printer(spec.run_name) if rank == 0 else None,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,9 @@ from pipeline.errors import LoaderError
 WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 """Offline and quiet in every worker (and the controller), whatever the environment of the node's raylet."""
 
+
+PBT_STATES = "pbt-states"
+"""Folder beside a search's Train runs holding the states Population Based Training trials continue from."""
 
 TRACKED_KEY = "tracked_points"
 """Report key of the JSON list of [metric, step, value] points rank 0 logged since the previous report."""
@@ -93,6 +97,36 @@ def log_points(tracker: Any, points: list[list]) -> None:
 
     for step, values in sorted(points_by_step(points).items()):
         tracker.log_metrics(values, step=step)
+
+
+class ReportRelay(ray.train.UserCallback):
+    """Hands each report to the process that started the run, through a Ray queue of one item, for a
+    Population Based Training trial to relay to Tune with a checkpoint of its own (Ray's
+    ``TuneReportCallback`` forwards metrics only, so PBT would find nothing to clone).
+
+    Every ``keep_every`` epochs it first copies the epoch's state file (``state_file`` in the reported
+    checkpoint) to ``{run storage}/pbt-states/{run name}/epoch-NNNN.pt``, inside the storage's own
+    filesystem (a server-side copy on S3): Train keeps only ``num_to_keep`` checkpoints of a run, while another
+    trial may continue from this state later. The item carries rank 0's metrics and that copy's file name.
+    The queue's size makes training wait until the trial took the report, as Tune's own callback does."""
+
+    def __init__(self, queue: Any, *, keep_every: int, state_file: str) -> None:
+        self.queue, self.keep_every, self.state_file = queue, keep_every, state_file
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = dict(metrics[0])
+        kept = None
+        if checkpoint is not None and (int(report["epoch"]) + 1) % self.keep_every == 0:
+            # {storage}/{run}/epoch-NNNN -> {storage}/pbt-states/{run}/epoch-NNNN.pt, in the filesystem's paths.
+            run_dir, epoch_dir = posixpath.split(checkpoint.path.rstrip("/"))
+            storage_dir, run_name = posixpath.split(run_dir)
+            target_dir = posixpath.join(storage_dir, PBT_STATES, run_name)
+            checkpoint.filesystem.create_dir(target_dir, recursive=True)
+            kept = f"{epoch_dir}.pt"
+            checkpoint.filesystem.copy_file(
+                posixpath.join(checkpoint.path, self.state_file), posixpath.join(target_dir, kept)
+            )
+        self.queue.put({"metrics": report, "state": kept})
 
 
 class DeterministicErrorGuard(ray.train.UserCallback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,7 +480,11 @@ class TrainingJob:
             else None,
             datasets=ray_datasets(cfg),
         )
-        return load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE), dict(result.metrics)
+        assert result.checkpoint_dir is not None
+        try:
+            return load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE), dict(result.metrics)
+        finally:
+            shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
 
     def settle(self, plan: TrainingPlan, run: TrackedRun, ran: tuple[dict, dict]) -> tuple[dict, dict]:
         """Epochs the driver side could not log (server down for a while) are in the state: fill them in."""

@@ -14,6 +14,19 @@ from pipeline.config import FinetuneConfig, PretrainConfig
 
 
 @dataclass(frozen=True)
+class StartFrom:
+    """Another run's saved state to continue from (Population Based Training's exploit), read by every rank
+    when Ray hands the run no checkpoint of its own."""
+
+    state_url: str
+    """The state file (local path on a shared mount, or ``s3://``)."""
+    lr: float
+    """optim.lr the state was trained with: the run's own optim.lr rescales the saved schedule."""
+    weight_decay: float
+    """optim.weight_decay the state was trained with, likewise."""
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """One DDP rank of a pre-training or fine-tuning run."""
 
@@ -24,6 +37,9 @@ class WorkerSpec:
     source_url: str | None = None
     """Fine-tuning: the exported weights to start from (``model.pt``), which the driver copied beside the
     run's checkpoints; each worker loads them from there."""
+    start_from: StartFrom | None = None
+    """A state to continue from instead of starting afresh (its lr and weight decay retargeted to the
+    config's); the run's own checkpoint, when Ray hands one after a restart, wins."""
 
     @property
     def finetune(self) -> bool:
@@ -39,3 +55,6 @@ class TrialSpec:
     train_storage: str
     """Where each trial's Ray Train run keeps its checkpoints (``{search}/trials``), read by the driver to
     register the best trial's model."""
+    perturbation_interval: int | None = None
+    """Population Based Training: trials hand Tune a copy of their state every this many epochs, for other
+    trials to continue from (None: no PBT; trials report through Ray's TuneReportCallback)."""

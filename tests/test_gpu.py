@@ -22,6 +22,7 @@ Left out: the job's MLflow side (run, export, registration). It is device-indepe
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,7 @@ def run_worker_job(tmp_path: Path, *, overrides: list[str], num_workers: int, us
         mode=cfg.train.early_stopping.mode,
     )
     state = load_checkpoint(Path(result.checkpoint_dir) / STATE_FILE)
+    shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
     ranks = [json.loads(p.read_text()) for p in sorted(records.glob("rank-*.json"))]
     return cfg, result, state, ranks
 

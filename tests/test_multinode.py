@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tarfile
@@ -268,7 +269,10 @@ def _launch_observer(worker, spec, tmp_path: Path, name: str, datasets=None) -> 
         mode="max",
         datasets=datasets,
     )
-    return json.loads(Path(result.checkpoint_dir, "records.json").read_text())
+    try:
+        return json.loads(Path(result.checkpoint_dir, "records.json").read_text())
+    finally:
+        shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
 
 
 def _observe_worker(config: dict) -> None:

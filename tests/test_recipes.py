@@ -323,7 +323,7 @@ def _search_argv(path: Path, tiny_data, workdir: Path, *extra: str) -> list[str]
 
 
 # Searches run end to end in their own, longer tests: running them here again would only repeat them.
-RUN_ELSEWHERE = {"toy_asha": "test_multinode.py"}
+RUN_ELSEWHERE = {"toy_asha": "test_multinode.py", "toy_pbt": "test_recipes.py"}
 
 
 def test_searches_run_elsewhere_really_are():
@@ -374,6 +374,65 @@ def test_search_recipe_runs_end_to_end(path, tiny_data, workdir, search_ray, cap
         # The source was fetched once by the driver (its lineage on the parent) and every trial started from it.
         assert any(key.startswith("source.") for key in parent.data.tags), parent.data.tags
         assert (Path(parent.data.tags["pipeline.search_url"]) / "source" / "model.pt").is_file()
+
+
+@pytest.mark.ray
+def test_pbt_trials_continue_from_a_better_trials_state_with_its_lr_and_decay_perturbed(
+    tiny_data, tmp_path, search_ray, capsys
+):
+    """configs/tune/toy_pbt.yaml with a population of 2 (one exploits the other at each decision), decisions
+    every 2 of 8 epochs (three chances: PBT clones only a trial it saved at an earlier decision) and no
+    resampling, so every change is the donor's value x 0.8 or x 1.2."""
+    from jobs.tune import main
+
+    toy = REPO / "configs" / "tune" / "toy_pbt.yaml"
+    argv = _search_argv(toy, tiny_data, tmp_path, "pretrain.train.epochs=8", "search.num_trials=2")
+    argv += [
+        "search.quantile_fraction=0.5",
+        "search.resample_probability=0.0",
+        "pretrain.tracking.experiment=pbt",
+    ]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    assert out.count("\ntrial ") == 2 and "<- best" in out
+
+    # Each exploit started a Train run of its own from the copied state of the other trial.
+    trials = tmp_path / "tune" / "toy-pbt" / "trials"
+    exploits = sorted(p.name for p in trials.glob("train-*-at*"))
+    assert exploits, sorted(p.name for p in trials.iterdir())
+    assert list((trials / "pbt-states").rglob("epoch-*.pt"))
+
+    client, parent, children = _search_runs(tmp_path, "pbt")
+    assert parent.info.status == "FINISHED" and parent.data.params["search.scheduler"] == "pbt"
+
+    def series(run, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    lrs = {c.info.run_id: series(c, "pbt/lr") for c in children}
+    decays = {c.info.run_id: series(c, "pbt/weight_decay") for c in children}
+    changed = 0
+    for child in children:
+        mine, other = lrs[child.info.run_id], next(v for k, v in lrs.items() if k != child.info.run_id)
+        my_decay = decays[child.info.run_id]
+        other_decay = next(v for k, v in decays.items() if k != child.info.run_id)
+        for step in sorted(mine)[1:]:
+            if mine[step] == mine[step - 1] and my_decay[step] == my_decay[step - 1]:
+                continue
+            # Explored from the donor's values when it was copied (the epoch before).
+            changed += 1
+            assert any(mine[step] == pytest.approx(other[step - 1] * f) for f in (0.8, 1.2)), (
+                step,
+                mine,
+                other,
+            )
+            assert any(my_decay[step] == pytest.approx(other_decay[step - 1] * f) for f in (0.8, 1.2))
+        # The loop's own lr (constant after the warm-up epoch) follows the perturbed value: the state's
+        # schedule was retargeted, not restored at the donor's lr.
+        trained = series(child, "train/lr")
+        ratios = {round(trained[step] / mine[step], 9) for step in mine if step >= 1}
+        assert len(ratios) == 1, (trained, mine)
+    assert changed >= 1, lrs
 
 
 # --------------------------------------------------------------------------------------------------------

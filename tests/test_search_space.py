@@ -121,12 +121,20 @@ def test_tune_job_bad_config_exits_2(override, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_pbt_search_that_would_never_perturb_exits_2(capsys):
+    import jobs.tune
+
+    assert jobs.tune.main(["--config", "configs/tune/toy_pbt.yaml", "search.perturbation_interval=10"]) == 2
+    assert "search.perturbation_interval: 10 epochs, not fewer than a trial trains" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "scheduler,expected",
     [
         ("asha", "AsyncHyperBandScheduler"),
         ("hyperband", "HyperBandScheduler"),
         ("median", "MedianStoppingRule"),
+        ("pbt", "PopulationBasedTraining"),
         ("none", "FIFOScheduler"),
     ],
 )
@@ -134,10 +142,14 @@ def test_each_scheduler_counts_epochs(scheduler, expected):
     from pipeline.config import SearchConfig
     from pipeline.search.tuner import _scheduler
 
-    built = _scheduler(SearchConfig(scheduler=scheduler, grace_period=2), max_epochs=9)
+    space = SearchSpace(extra={"optim.lr": ParamSpace(type="choice", values=[0.1, 0.01])})
+    built = _scheduler(SearchConfig(scheduler=scheduler, grace_period=2), max_epochs=9, space=space)
     assert type(built).__name__ == expected
     if scheduler != "none":
         assert built._time_attr == "training_iteration"  # epochs, not the median rule's default seconds
+    if scheduler == "pbt":  # what PBT may perturb, where the trial's config holds it
+        overrides = built._hyperparam_mutations["trial"]["overrides"]
+        assert overrides["optim.lr"] == [0.1, 0.01] and set(overrides) == {"optim.weight_decay", "optim.lr"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,7 +208,21 @@ def test_random_candidates_are_distinct_and_a_finite_space_runs_out():
             "space.dropout.values: tpe",
         ),
         (["search.sampler=bayes"], "search.sampler: must be one of"),
-        (["search.scheduler=pbt"], "search.scheduler: must be one of"),
+        (["search.scheduler=pbs"], "search.scheduler: must be one of"),
+        (
+            ["search.scheduler=pbt", "search.sampler=tpe"],
+            "search.sampler: pbt needs random or grid candidates",
+        ),
+        (
+            [
+                "search.scheduler=pbt",
+                "space.weight_decay={type: fixed, values: [1.0e-4]}",
+                "space.extra={optim.lr: {type: choice, values: [0.01]}}",
+            ],
+            "space: pbt mutates optim.weight_decay and optim.lr",
+        ),
+        (["search.scheduler=pbt", "search.quantile_fraction=0.6"], "search.quantile_fraction: must be in"),
+        (["search.scheduler=pbt", "search.perturbation_interval=0"], "search.perturbation_interval: must be"),
     ],
 )
 def test_sampler_config_errors_name_the_field(overrides, message):

@@ -342,6 +342,59 @@ def test_resumed_scheduler_continues_identically(cfg):
     assert all(len(lrs) == 1 for lrs in per_epoch) == (cfg.schedule_unit == "epoch")
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OptimConfig(name="adamw", warmup_epochs=2, schedule="cosine", schedule_unit="step"),
+        OptimConfig(warmup_epochs=1, schedule="multistep", step_milestones=[3], schedule_unit="epoch"),
+        OptimConfig(name="adamw", warmup_epochs=1, schedule="constant"),
+    ],
+    ids=lambda c: c.schedule,
+)
+def test_a_retargeted_state_follows_the_new_lrs_schedule_from_where_it_was(cfg):
+    """Population Based Training continues a trial from another's state with lr x 1.2 and weight decay x 0.8:
+    from then on the lr must be what the new peak's schedule gives at that step (warm-up, cosine or
+    milestones), and only the decayed groups carry the new weight decay."""
+    from dataclasses import replace
+
+    from pipeline.train.state import retarget_state
+
+    steps_per_epoch, epochs, switch_at = 3, 5, 4
+    new = replace(cfg, lr=cfg.lr * 1.2, weight_decay=cfg.weight_decay * 0.8)
+
+    def build(config: OptimConfig):
+        optimizer = build_optimizer(tiny_model(), config, global_batch_size=256)
+        return optimizer, build_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch, epochs=epochs)
+
+    def run(optimizer, scheduler, steps: int) -> list[float]:
+        lrs = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+        return lrs
+
+    reference = run(*build(new), steps_per_epoch * epochs)
+    optimizer, scheduler = build(cfg)
+    run(optimizer, scheduler, switch_at)
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": 1}
+    moved = retarget_state(
+        saved, lr_factor=new.lr / cfg.lr, weight_decay_factor=new.weight_decay / cfg.weight_decay
+    )
+    assert (
+        moved["epoch"] == 1 and saved["optimizer"]["param_groups"][0]["lr"] == optimizer.param_groups[0]["lr"]
+    )
+    optimizer, scheduler = build(new)
+    optimizer.load_state_dict(moved["optimizer"])
+    scheduler.load_state_dict(moved["scheduler"])
+    assert run(optimizer, scheduler, len(reference) - switch_at) == pytest.approx(
+        reference[switch_at:], rel=1e-9
+    )
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == pytest.approx(
+        [0.0, new.weight_decay]
+    )
+
+
 # Layer-wise lr decay: L blocks below the head by pipeline.models.layers' rule, and the parameters the stem
 # (depth 0) must hold.
 LAYER_DECAY_MODELS = {

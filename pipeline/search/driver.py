@@ -247,7 +247,12 @@ class SearchJob:
         source = None
         if isinstance(base, FinetuneConfig) and base.finetune.strategy != "scratch":
             base, source = _fetch_source(base)
-        if cfg.search.scheduler != "none" and cfg.search.grace_period > base.train.epochs:
+        if cfg.search.scheduler == "pbt" and cfg.search.perturbation_interval >= base.train.epochs:
+            raise ConfigError(
+                f"search.perturbation_interval: {cfg.search.perturbation_interval} epochs, not fewer than a "
+                f"trial trains (train.epochs={base.train.epochs}); PBT would never perturb: lower it"
+            )
+        if cfg.search.scheduler not in ("none", "pbt") and cfg.search.grace_period > base.train.epochs:
             raise ConfigError(
                 f"search.grace_period: {cfg.search.grace_period} epochs, more than a trial trains "
                 f"(train.epochs={base.train.epochs}); lower it"
@@ -333,7 +338,13 @@ class SearchJob:
             json.dumps({"parent_run_id": tracker.run_id}).encode(),
         )
         return run_trials(
-            spec=TrialSpec(base=plan.base, train_storage=plan.train_storage),
+            spec=TrialSpec(
+                base=plan.base,
+                train_storage=plan.train_storage,
+                perturbation_interval=cfg.search.perturbation_interval
+                if cfg.search.scheduler == "pbt"
+                else None,
+            ),
             candidates=plan.candidates.overrides if cfg.search.sampler != "tpe" else None,
             space=cfg.space,
             source_url=_stage_source(plan),
@@ -449,7 +460,9 @@ class SearchJob:
                     results, cfg.search.metric, Path(scratch) / "learning_curves.png", best_index=best.index
                 )
                 tracker.log_artifact(plot, artifact_path="plots")
-            state_url = _latest_state(storage.join(plan.train_storage, f"train-{best_trial.trial_id}"))
+            # A PBT trial's weights are in the Train run it ended with (one per exploit); it reports its name.
+            train_run = best_trial.last.get("train_run") or f"train-{best_trial.trial_id}"
+            state_url = _latest_state(storage.join(plan.train_storage, train_run))
             if state_url is None:
                 print(
                     f"search: trial {best.index} left no checkpoint under {plan.train_storage}; "

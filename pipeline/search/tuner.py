@@ -25,22 +25,33 @@ instance has none) and poll their workers every 0.5 s instead of 2 s (each start
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from pipeline.config import ParamSpace, PretrainConfig, SearchConfig, SearchSpace
-from pipeline.launch import ensure_ray, launch, pretrain_worker
-from pipeline.launch_callbacks import TRACKED_KEY, log_points
+from pipeline.data import storage
+from pipeline.launch import STATE_FILE, ensure_ray, launch, pretrain_worker
+from pipeline.launch_callbacks import PBT_STATES, TRACKED_KEY, ReportRelay, log_points
 from pipeline.pretrain import ray_datasets
 from pipeline.search.space import apply_overrides, draw_overrides
-from pipeline.specs import TrialSpec, WorkerSpec
+from pipeline.specs import StartFrom, TrialSpec, WorkerSpec
 
 TRIAL_TAG = "tune.trial_id"
+PBT_POINTER = "pbt_state.json"
+"""The file of a PBT trial's Tune checkpoint: which state to continue from, and its lr and weight decay."""
+PBT_KEYS = ("pbt/lr", "pbt/weight_decay")
+"""Reported by PBT trials every epoch: the values they trained that epoch with (the schedule PBT found)."""
 LOCAL_TRIAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 """Ray Train settings of trials on a local one-node instance (see the module docstring); a value already in
 the environment wins. Ray Train hands these variables from the trial's process to its controller."""
@@ -65,7 +76,8 @@ class TrialResult:
 
 def trial_fn(config: dict[str, Any], spec: TrialSpec, source_url: str | None, env: dict[str, str]) -> None:
     """One trial: apply its candidate to the base config and train with DDP. It never talks to MLflow: its
-    reports reach Tune through ``TuneReportCallback``, and :class:`TrialRuns` logs them on the driver.
+    reports reach Tune through ``TuneReportCallback`` (or, under Population Based Training, through
+    :func:`_population_trial`), and :class:`TrialRuns` logs them on the driver.
     ``source_url``: a fine-tuning search's staged source weights; ``env``: Ray Train settings for the run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -74,18 +86,100 @@ def trial_fn(config: dict[str, Any], spec: TrialSpec, source_url: str | None, en
     trial_id = tune.get_context().get_trial_id()
     index, overrides = trial_key(config)
     cfg = apply_overrides(spec.base, overrides)
-    launch(
+    worker = WorkerSpec(config=cfg, run_name=f"trial-{index:03d}", source_url=source_url)
+    run = functools.partial(
+        launch,
         pretrain_worker,
-        spec=WorkerSpec(config=cfg, run_name=f"trial-{index:03d}", source_url=source_url),
         scaling=cfg.scaling,
         checkpoint=cfg.checkpoint,
         storage_path=spec.train_storage,
-        name=f"train-{trial_id}",
         metric=cfg.train.watched_metric,
         mode=cfg.train.early_stopping.mode,
-        callbacks=[TuneReportCallback()],
         datasets=ray_datasets(cfg),
+        fetch_checkpoint=False,
     )
+    if spec.perturbation_interval is None:
+        run(spec=worker, name=f"train-{trial_id}", callbacks=[TuneReportCallback()])
+    else:
+        _population_trial(run, worker, spec=spec, trial_id=trial_id)
+
+
+def _population_trial(run: Callable[..., Any], worker: WorkerSpec, *, spec: TrialSpec, trial_id: str) -> None:
+    """A Population Based Training trial: its Train run in a thread, every report relayed to Tune by this
+    one, with a checkpoint at every ``perturbation_interval``-th epoch: a small file pointing at the copy of
+    that epoch's state (:class:`~pipeline.launch_callbacks.ReportRelay`), with the lr and weight decay it was
+    trained with. When PBT makes this trial exploit another, Tune restarts it with that trial's pointer and
+    a perturbed config: the trial starts a new Train run from the state, its schedule retargeted
+    (:func:`~pipeline.train.state.retarget_state`). The run's name follows from the pointer, so a restart of
+    the same step resumes that run."""
+    import threading
+
+    from ray.util.queue import Empty, Queue
+
+    cfg, interval = worker.config, spec.perturbation_interval
+    assert interval is not None
+    name = f"train-{trial_id}"
+    start = tune.get_checkpoint()
+    if start is not None:
+        with start.as_directory() as directory:
+            pointer = json.loads((Path(directory) / PBT_POINTER).read_text())
+        worker = replace(
+            worker,
+            start_from=StartFrom(
+                state_url=pointer["state_url"],
+                lr=pointer["optim.lr"],
+                weight_decay=pointer["optim.weight_decay"],
+            ),
+        )
+        digest = hashlib.sha1(pointer["state_url"].encode()).hexdigest()[:8]
+        name = f"train-{trial_id}-at{int(pointer['epochs']):04d}-{digest}"
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            run(
+                spec=worker,
+                name=name,
+                callbacks=[ReportRelay(queue, keep_every=interval, state_file=STATE_FILE)],
+            )
+        except BaseException as error:  # raised again in the trial's own thread, as Tune expects
+            failure.append(error)
+
+    thread = threading.Thread(target=train, name=f"pbt-{trial_id}", daemon=True)
+    thread.start()
+    while True:
+        try:
+            item = queue.get(timeout=1.0)
+        except Empty:
+            if thread.is_alive():
+                continue
+            try:  # the last report may have come just before the run ended
+                item = queue.get_nowait()
+            except Empty:
+                break
+        metrics = {
+            **item["metrics"],
+            "train_run": name,
+            "pbt/lr": cfg.optim.lr,
+            "pbt/weight_decay": cfg.optim.weight_decay,
+        }
+        if item["state"] is None:
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory(prefix="pipeline-pbt-") as directory:
+            pointer = {
+                "state_url": storage.join(spec.train_storage, PBT_STATES, name, item["state"]),
+                "run": name,
+                "epochs": int(item["metrics"]["epoch"]) + 1,
+                "optim.lr": cfg.optim.lr,
+                "optim.weight_decay": cfg.optim.weight_decay,
+            }
+            (Path(directory) / PBT_POINTER).write_text(json.dumps(pointer))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 class TrialRuns(tune.Callback):
@@ -125,6 +219,8 @@ class TrialRuns(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         points = json.loads(result.get(TRACKED_KEY) or "[]")
+        # A PBT trial's lr and weight decay may change at every perturbation: the schedule it trained with.
+        points += [[key, int(result["epoch"]), float(result[key])] for key in PBT_KEYS if key in result]
         if points:
             self._guarded(lambda: log_points(self._run(trial), points))
 
@@ -135,8 +231,23 @@ class TrialRuns(tune.Callback):
             print(f"tracking: could not record a trial ({type(error).__name__}: {error}); the search goes on")
 
 
-def _scheduler(search: SearchConfig, *, max_epochs: int):
+def _scheduler(search: SearchConfig, *, max_epochs: int, space: SearchSpace | None = None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    if search.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        assert space is not None, "pbt mutates the space's entries"
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=search.perturbation_interval,
+            quantile_fraction=search.quantile_fraction,
+            resample_probability=search.resample_probability,
+            # The trial's config is {"trial": {"index", "overrides": {recipe field: value}}}.
+            hyperparam_mutations={
+                "trial": {"overrides": {key: _domain(param) for key, param in space.pbt_mutations().items()}}
+            },
+        )
 
     if search.scheduler == "asha":
         return ASHAScheduler(
@@ -155,6 +266,16 @@ def _scheduler(search: SearchConfig, *, max_epochs: int):
             time_attr="training_iteration", grace_period=search.grace_period, min_samples_required=2
         )
     return FIFOScheduler()
+
+
+def _domain(param: ParamSpace) -> Any:
+    """A space entry as PBT's mutation: a Tune distribution to resample from (explore multiplies the value
+    by 0.8 or 1.2 otherwise), or the list of choices (explore moves to a neighbour)."""
+    if param.type == "loguniform":
+        return tune.loguniform(param.low, param.high)
+    if param.type == "uniform":
+        return tune.uniform(param.low, param.high)
+    return list(param.values)
 
 
 class TpeSpace:
@@ -222,6 +343,8 @@ def run_trials(
     ``candidates`` in order, or (None) ``search.num_trials`` trials chosen by TPE from ``space``. ``runs``
     records the trials in MLflow from this process (None: tracking is off)."""
     ensure_ray(scaling, concurrent=search.max_concurrent_trials, trial_drivers=True)
+    # Tune's hint to reuse actors under PBT does not apply: every trial start is a new Ray Train run anyway.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, spec=spec, source_url=source_url, env=_trial_env()), {"cpu": 0.01}
     )
@@ -241,7 +364,7 @@ def run_trials(
                 metric=search.metric,
                 mode=search.mode,
                 search_alg=search_alg,
-                scheduler=_scheduler(search, max_epochs=max_epochs),
+                scheduler=_scheduler(search, max_epochs=max_epochs, space=space),
                 num_samples=search.num_trials if candidates is None else 1,
                 max_concurrent_trials=search.max_concurrent_trials,
             ),
@@ -250,6 +373,9 @@ def run_trials(
                 storage_path=storage_path,
                 # Worker failures are retried inside each Train run; a trial that still fails stays failed.
                 failure_config=tune.FailureConfig(max_failures=0),
+                # PBT stops nothing itself: without this, a decision at the last epoch would restart a trial
+                # (a new Train run) from another's final state only to find no epoch left to train.
+                stop={"training_iteration": max_epochs} if search.scheduler == "pbt" else None,
                 verbose=1,
                 callbacks=[runs] if runs is not None else [],
             ),

@@ -204,3 +204,42 @@ def read_state(url: str) -> dict[str, Any]:
     from pipeline.data import storage
 
     return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+
+
+def retarget_state(
+    checkpoint: dict[str, Any], *, lr_factor: float, weight_decay_factor: float
+) -> dict[str, Any]:
+    """A copy of a checkpoint (from :func:`load_checkpoint`) whose optimizer and lr schedule run at
+    ``lr_factor`` times the learning rate and ``weight_decay_factor`` times the weight decay from here on.
+
+    For Population Based Training: a trial continues from another trial's state with perturbed optim.lr and
+    optim.weight_decay, but :func:`restore_state` loads the saved param groups (lr, weight decay) and the
+    schedulers' base lrs over the ones built from the new config. Every schedule here is linear in the peak
+    lr (warm-up and main schedule factors times ``base_lrs``; cosine's recursive form too, with eta_min 0), so
+    scaling the current lr, ``initial_lr``, ``base_lrs`` and ``_last_lr`` by one factor gives the schedule the
+    new peak would have had, at the same position. Weight decay scales only where it is non-zero: the
+    no-decay groups (norms, biases) and L2 mode's optimizer (decay in the loss, from the config) stay at 0.
+    The model, moments and RNG states are untouched: the moments are in gradient units."""
+
+    def scaled(tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {
+                key: [v * lr_factor for v in value] if key in ("base_lrs", "_last_lr") else scaled(value)
+                for key, value in tree.items()
+            }
+        if isinstance(tree, list):
+            return [scaled(value) for value in tree]
+        return tree
+
+    optimizer = dict(checkpoint["optimizer"])
+    groups = []
+    for group in optimizer["param_groups"]:
+        group = dict(group)
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                group[key] = group[key] * lr_factor
+        if group.get("weight_decay"):
+            group["weight_decay"] = group["weight_decay"] * weight_decay_factor
+        groups.append(group)
+    optimizer["param_groups"] = groups
+    return {**checkpoint, "optimizer": optimizer, "scheduler": scaled(checkpoint["scheduler"])}
