@@ -71,7 +71,7 @@ gpu-check:
 
 # random+ASHA and TPE+ASHA (16 trials each) against the full grid of the same 16 toy_resnet20 candidates on the
 # easy embedded task, one Ray instance: best val/top1 and epochs each used (goal: the grid's best within 0.01
-# with <= 35% of the grid's epochs), and the fixed cost of starting a trial. About 13-16 min on 2 CPU cores;
+# with <= 35% of the grid's epochs), and the fixed cost of starting a trial. About 19 min on 2 CPU cores;
 # sizes: $(PY) benchmarks/bench_tune.py --help; start-up cost alone: $(PY) benchmarks/bench_tune.py --startup 6
 bench-tune: setup
 	$(PY) benchmarks/bench_tune.py

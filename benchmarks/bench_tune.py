@@ -19,8 +19,13 @@ exact config: its regret), the binomial standard error of an accuracy on the val
 starting a trial (from each trial's MLflow record: child run start -> first epoch's metrics, less that epoch's
 own seconds).
 
-    python benchmarks/bench_tune.py [--trials 16] [--epochs 6] [--reduction-factor 3] [--grace-period 1]
-        [--concurrent 2] [--train-per-class 60] [--val-per-class 15] [--tolerance 0.01] [--only grid,random,tpe]
+    python benchmarks/bench_tune.py [--trials 16] [--epochs 12] [--reduction-factor 4] [--grace-period 1]
+        [--concurrent 2] [--train-per-class 40] [--val-per-class 30] [--batch-size 10] [--tolerance 0.01]
+        [--only grid,random,tpe]
+
+The defaults make an epoch 40 SGD steps (400 images at batch 10) and judge on 300 val images: with epochs of
+24 steps and 150 val images (the earlier defaults: 60 / 15 per class, batch 25), the best config was still at
+its slow start when ASHA's rungs judged it (docs/performance.md).
     python benchmarks/bench_tune.py --startup 6 [--ray-defaults]   # only the start-up cost: 6 one-epoch trials
 
 ``--ray-defaults`` runs trials with Ray Train's default settings (worker polls every 2 s, the preemption
@@ -57,8 +62,10 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=16, help="trials of random+asha and tpe+asha")
-    p.add_argument("--epochs", type=int, default=6, help="pretrain.train.epochs: max_t and the grid's budget")
-    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument(
+        "--epochs", type=int, default=12, help="pretrain.train.epochs: max_t and the grid's budget"
+    )
+    p.add_argument("--reduction-factor", type=int, default=4)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--tpe-startup", type=int, default=6, help="search.tpe_startup_trials")
     p.add_argument("--concurrent", type=int, default=2, help="search.max_concurrent_trials (1 CPU each)")
@@ -67,10 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decays", type=_floats, default=[1e-4, 1e-2], help="optim.weight_decay choices")
     p.add_argument("--dropouts", type=_floats, default=[0.0, 0.4], help="model.dropout choices")
     p.add_argument(
-        "--train-per-class", type=int, default=60, help="easy embedded train images per class (10)"
+        "--train-per-class", type=int, default=40, help="easy embedded train images per class (10)"
     )
-    p.add_argument("--val-per-class", type=int, default=15, help="easy embedded val images per class")
-    p.add_argument("--batch-size", type=int, default=25, help="pretrain.data.batch_size_per_worker")
+    p.add_argument("--val-per-class", type=int, default=30, help="easy embedded val images per class")
+    p.add_argument("--batch-size", type=int, default=10, help="pretrain.data.batch_size_per_worker")
     p.add_argument("--tolerance", type=float, default=0.01, help="'found the grid's best': absolute val/top1")
     p.add_argument("--only", default=",".join(SEARCHES), help="searches to run (grid is needed for the goal)")
     p.add_argument("--startup", type=int, default=0, help="only measure trial start-up: N one-epoch trials")

@@ -372,7 +372,7 @@ class _SlotStream(IterableDataset):
         self._epoch = context.RawValue("q", 0) if loader_workers > 0 else None
         self._released = context.RawArray("q", loader_workers) if loader_workers > 0 else None
         # Per worker, the samples it skipped this epoch (data.on_corrupt=skip); [0] in the training process.
-        self._skipped = context.RawArray("q", max(1, loader_workers)) if loader_workers > 0 else [0]
+        self._skipped = context.RawArray("q", loader_workers) if loader_workers > 0 else [0]
         self._corrupt_budget = 0.0  # the current epoch's limit for this slot, set when an iteration starts
         # data.decode=gpu: what the training process itself skipped, and its limit (set by ShardLoader).
         self.main_skipped, self.main_budget = 0, 0.0
