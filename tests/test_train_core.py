@@ -301,6 +301,16 @@ def test_step_decays_every_step_size_after_warm_up_multistep_at_epochs_from_the_
     assert per_epoch(schedule="multistep", step_milestones=[3, 5]) == step
 
 
+def step_lrs(optimizer, scheduler, steps: int) -> list[float]:
+    """The lr after each of ``steps`` optimizer + scheduler steps (no gradients: only the schedule moves)."""
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -313,21 +323,13 @@ def test_resumed_scheduler_continues_identically(cfg):
     """Resume after epoch 1 of a 2-epoch warm-up: the restored state must also cross into the schedule."""
     steps_per_epoch, epochs, resume_at = 3, 5, 3
 
-    def run(optimizer, scheduler, steps: int) -> list[float]:
-        lrs = []
-        for _ in range(steps):
-            optimizer.step()
-            scheduler.step()
-            lrs.append(optimizer.param_groups[0]["lr"])
-        return lrs
-
     def build(seed: int):
         optimizer = build_optimizer(tiny_model(seed), cfg, global_batch_size=256)
         return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
 
-    reference = run(*build(0), steps_per_epoch * epochs)
+    reference = step_lrs(*build(0), steps_per_epoch * epochs)
     optimizer, scheduler = build(0)
-    run(optimizer, scheduler, resume_at)
+    step_lrs(optimizer, scheduler, resume_at)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
     buffer.seek(0)
@@ -335,7 +337,7 @@ def test_resumed_scheduler_continues_identically(cfg):
     optimizer, scheduler = build(1)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    assert run(optimizer, scheduler, len(reference) - resume_at) == reference[resume_at:]
+    assert step_lrs(optimizer, scheduler, len(reference) - resume_at) == reference[resume_at:]
     per_epoch = [
         set(reference[e * steps_per_epoch - 1 : (e + 1) * steps_per_epoch - 1]) for e in range(1, epochs)
     ]
@@ -366,17 +368,9 @@ def test_a_retargeted_state_follows_the_new_lrs_schedule_from_where_it_was(cfg):
         optimizer = build_optimizer(tiny_model(), config, global_batch_size=256)
         return optimizer, build_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch, epochs=epochs)
 
-    def run(optimizer, scheduler, steps: int) -> list[float]:
-        lrs = []
-        for _ in range(steps):
-            optimizer.step()
-            scheduler.step()
-            lrs.append(optimizer.param_groups[0]["lr"])
-        return lrs
-
-    reference = run(*build(new), steps_per_epoch * epochs)
+    reference = step_lrs(*build(new), steps_per_epoch * epochs)
     optimizer, scheduler = build(cfg)
-    run(optimizer, scheduler, switch_at)
+    step_lrs(optimizer, scheduler, switch_at)
     saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": 1}
     moved = retarget_state(
         saved, lr_factor=new.lr / cfg.lr, weight_decay_factor=new.weight_decay / cfg.weight_decay
@@ -387,7 +381,7 @@ def test_a_retargeted_state_follows_the_new_lrs_schedule_from_where_it_was(cfg):
     optimizer, scheduler = build(new)
     optimizer.load_state_dict(moved["optimizer"])
     scheduler.load_state_dict(moved["scheduler"])
-    assert run(optimizer, scheduler, len(reference) - switch_at) == pytest.approx(
+    assert step_lrs(optimizer, scheduler, len(reference) - switch_at) == pytest.approx(
         reference[switch_at:], rel=1e-9
     )
     assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == pytest.approx(
