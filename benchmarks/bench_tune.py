@@ -29,7 +29,7 @@ its slow start when ASHA's rungs judged it (docs/performance.md).
     python benchmarks/bench_tune.py --startup 6 [--ray-defaults]   # only the start-up cost: 6 one-epoch trials
 
 ``--ray-defaults`` runs trials with Ray Train's default settings (worker polls every 2 s, the preemption
-watcher on) instead of the search's local-instance settings (pipeline.search.tuner.LOCAL_TRIAL_ENV): the
+watcher on) instead of the search's local-instance settings (pipeline.launch.LOCAL_RUN_ENV): the
 "before" of the start-up cut. The bench dir (``--workdir``) is wiped first, so nothing resumes. Exit 0 whether
 or not the goal is met (it is a measurement); a search that fails raises.
 """

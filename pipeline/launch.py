@@ -70,6 +70,21 @@ class LaunchResult:
 # Driver side
 
 
+LOCAL_RUN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Ray Train settings of every run on a local one-node instance; a value already in the environment wins. The
+controller polls its workers every 0.5 s instead of 2 s (a run's start and its end each wait for a poll, ~2 s
+per run on 2 cores), and skips the preemption watcher, an actor that watches for other nodes being drained (a
+one-node instance has none). Ray Train hands these variables from the process that calls ``fit()`` to its
+controller. On a cluster, Ray's defaults stay."""
+
+
+def local_run_env() -> dict[str, str]:
+    """:data:`LOCAL_RUN_ENV` when this process drives a local one-node Ray instance (no ``RAY_ADDRESS``, one
+    alive node), else nothing."""
+    local = not os.environ.get("RAY_ADDRESS") and len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    return dict(LOCAL_RUN_ENV) if local else {}
+
+
 def ensure_ray(scaling: ScalingConfig, *, concurrent: int = 1, trial_drivers: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set for ``ray job submit`` entrypoints) or start a private
     local instance (``address="local"``: a bare ``ray.init()`` would join any cluster on the machine).
@@ -206,6 +221,8 @@ def launch(
     local = scaling.num_workers == 0
     if not local:  # local mode runs in this process: no cluster to start or join
         ensure_ray(scaling)
+        for key, value in local_run_env().items():
+            os.environ.setdefault(key, value)
     trainer = TorchTrainer(
         functools.partial(train_fn, spec),
         datasets=datasets,

@@ -19,8 +19,8 @@ them in).
 The fixed cost of a trial, measured on 2 cores (benchmarks/bench_tune.py --startup): three fresh processes
 each import torch in turn (the trial's driver, Ray Train's controller, the worker), beside four light Ray
 helpers (Tune's report queue, Train's placement-group cleaner, sync and preemption-watcher actors). On a
-local instance the trials skip the preemption watcher (it watches for other nodes being drained: a one-node
-instance has none) and poll their workers every 0.5 s instead of 2 s (each start and end waits for a poll).
+local instance the trials run with :data:`pipeline.launch.LOCAL_RUN_ENV` (no preemption watcher, workers polled every
+0.5 s), set in each trial's process, whose Train controller inherits it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ray import tune
 
 from pipeline.config import ParamSpace, PretrainConfig, SearchConfig, SearchSpace
 from pipeline.data import storage
-from pipeline.launch import STATE_FILE, ensure_ray, launch, pretrain_worker
+from pipeline.launch import STATE_FILE, ensure_ray, launch, local_run_env, pretrain_worker
 from pipeline.launch_callbacks import PBT_STATES, TRACKED_KEY, ReportRelay, log_points
 from pipeline.pretrain import ray_datasets
 from pipeline.search.space import apply_overrides, draw_overrides
@@ -52,9 +52,6 @@ PBT_POINTER = "pbt_state.json"
 """The file of a PBT trial's Tune checkpoint: which state to continue from, and its lr and weight decay."""
 PBT_KEYS = ("pbt/lr", "pbt/weight_decay")
 """Reported by PBT trials every epoch: the values they trained that epoch with (the schedule PBT found)."""
-LOCAL_TRIAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-"""Ray Train settings of trials on a local one-node instance (see the module docstring); a value already in
-the environment wins. Ray Train hands these variables from the trial's process to its controller."""
 
 
 def trial_key(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -310,14 +307,6 @@ def _search_alg(search: SearchConfig, *, base: PretrainConfig, space: SearchSpac
     )
 
 
-def _trial_env() -> dict[str, str]:
-    """:data:`LOCAL_TRIAL_ENV` on a local one-node instance; nothing on a cluster (Ray's defaults)."""
-    import ray
-
-    local = not os.environ.get("RAY_ADDRESS") and len([n for n in ray.nodes() if n.get("Alive")]) == 1
-    return dict(LOCAL_TRIAL_ENV) if local else {}
-
-
 def _trial_id_of(path: str) -> str:
     """A trial's id from its directory name (``trial_fn_<id>_<n>_...``; the id is ``<hex>_<00007>`` for a
     list of candidates, 8 hex digits with a search algorithm), for a trial that reported nothing."""
@@ -346,7 +335,7 @@ def run_trials(
     # Tune's hint to reuse actors under PBT does not apply: every trial start is a new Ray Train run anyway.
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, spec=spec, source_url=source_url, env=_trial_env()), {"cpu": 0.01}
+        tune.with_parameters(trial_fn, spec=spec, source_url=source_url, env=local_run_env()), {"cpu": 0.01}
     )
     path = f"{storage_path.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(path):
