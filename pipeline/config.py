@@ -1060,6 +1060,14 @@ class TuneConfig:
                 "pbt mutates optim.weight_decay and optim.lr: give space.weight_decay or "
                 "space.extra['optim.lr'] a range or more than one value",
             )
+            # Tune starts a trial only when a slot frees and PBT compares running trials only: trials beyond
+            # the concurrency would run after the others ended, alone, never exploiting or exploited.
+            _check(
+                self.search.max_concurrent_trials >= self.search.num_trials,
+                "search.max_concurrent_trials",
+                f"pbt's population is the trials that train together: set it to search.num_trials "
+                f"({self.search.num_trials}) or lower num_trials, got {self.search.max_concurrent_trials}",
+            )
         if sampler == "grid":
             _check(scaling.mode != "compound", "search.sampler", "grid cannot enumerate compound scaling")
             size = 1

@@ -395,7 +395,8 @@ def test_pbt_trials_continue_from_a_better_trials_state_with_its_lr_and_decay_pe
     code = main(argv)
     out = capsys.readouterr().out
     assert code == 0, out[-2000:]
-    assert out.count("\ntrial ") == 2 and "<- best" in out
+    # Each trial once in the summary, by its own index: an exploit copies the donor's whole config.
+    assert out.count("\ntrial ") == 2 and "\ntrial 0: " in out and "\ntrial 1: " in out and "<- best" in out
 
     # Each exploit started a Train run of its own from the copied state of the other trial.
     trials = tmp_path / "tune" / "toy-pbt" / "trials"

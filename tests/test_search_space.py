@@ -222,6 +222,10 @@ def test_random_candidates_are_distinct_and_a_finite_space_runs_out():
             "space: pbt mutates optim.weight_decay and optim.lr",
         ),
         (["search.scheduler=pbt", "search.quantile_fraction=0.6"], "search.quantile_fraction: must be in"),
+        (
+            ["search.scheduler=pbt", "search.num_trials=4", "search.max_concurrent_trials=2"],
+            "search.max_concurrent_trials: pbt's population is the trials that train together",
+        ),
         (["search.scheduler=pbt", "search.perturbation_interval=0"], "search.perturbation_interval: must be"),
     ],
 )
@@ -256,7 +260,7 @@ def test_tpe_draws_candidates_of_the_space_through_tunes_optuna_searcher():
         drawn = []
         for number in range(6):
             trial_id = f"abc12_{number:05d}"
-            index, overrides = trial_key(searcher.suggest(trial_id))
+            index, overrides = trial_key(searcher.suggest(trial_id), trial_id)
             assert index == number
             apply_overrides(BASE, overrides)  # a valid pretrain config
             # The objective favours a low lr: TPE's later suggestions are modelled on these results.

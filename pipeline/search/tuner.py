@@ -54,9 +54,14 @@ PBT_KEYS = ("pbt/lr", "pbt/weight_decay")
 """Reported by PBT trials every epoch: the values they trained that epoch with (the schedule PBT found)."""
 
 
-def trial_key(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(index, overrides) of a trial from its Tune config."""
-    return int(config["trial"]["index"]), dict(config["trial"]["overrides"])
+def trial_key(config: dict[str, Any], trial_id: str) -> tuple[int, dict[str, Any]]:
+    """(index, overrides) of a trial from its Tune config and id. A trial of a list of candidates takes its
+    index from the id's counter (``<hex>_<00007>``: the candidate's place in the list), not from the config:
+    under PBT an exploit replaces the whole config with the donor's, index included. A TPE trial's id has no
+    counter; its index is Optuna's trial number in the config."""
+    counter = re.fullmatch(r"[0-9a-f]{5}_(\d{5})", trial_id)
+    index = int(counter.group(1)) if counter else int(config["trial"]["index"])
+    return index, dict(config["trial"]["overrides"])
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def trial_fn(config: dict[str, Any], spec: TrialSpec, source_url: str | None, en
     for key, value in env.items():
         os.environ.setdefault(key, value)
     trial_id = tune.get_context().get_trial_id()
-    index, overrides = trial_key(config)
+    index, overrides = trial_key(config, trial_id)
     cfg = apply_overrides(spec.base, overrides)
     worker = WorkerSpec(config=cfg, run_name=f"trial-{index:03d}", source_url=source_url)
     run = functools.partial(
@@ -198,7 +203,7 @@ class TrialRuns(tune.Callback):
             from pipeline.provenance import redact_uri
             from pipeline.tracking.mlflow_tracker import TolerantTracker, child_tracker
 
-            index, overrides = trial_key(trial.config)
+            index, overrides = trial_key(trial.config, trial.trial_id)
             child = child_tracker(
                 tracking_uri=self.tracking_uri,
                 parent_run_id=self.parent_run_id,
@@ -373,7 +378,7 @@ def run_trials(
     results = []
     for result in grid:
         trial_id = str((result.metrics or {}).get("trial_id") or _trial_id_of(result.path))
-        index, overrides = trial_key(result.config)
+        index, overrides = trial_key(result.config, trial_id)
         frame = result.metrics_dataframe
         history: list[tuple[int, float]] = []
         if frame is not None and search.metric in frame:
