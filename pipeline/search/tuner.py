@@ -54,12 +54,16 @@ PBT_KEYS = ("pbt/lr", "pbt/weight_decay")
 """Reported by PBT trials every epoch: the values they trained that epoch with (the schedule PBT found)."""
 
 
+LIST_TRIAL_ID = r"[0-9a-f]{5}_(\d{5})"
+"""Tune's id of a trial from a list of candidates: the experiment's hex prefix and the candidate's place."""
+
+
 def trial_key(config: dict[str, Any], trial_id: str) -> tuple[int, dict[str, Any]]:
     """(index, overrides) of a trial from its Tune config and id. A trial of a list of candidates takes its
     index from the id's counter (``<hex>_<00007>``: the candidate's place in the list), not from the config:
     under PBT an exploit replaces the whole config with the donor's, index included. A TPE trial's id has no
     counter; its index is Optuna's trial number in the config."""
-    counter = re.fullmatch(r"[0-9a-f]{5}_(\d{5})", trial_id)
+    counter = re.fullmatch(LIST_TRIAL_ID, trial_id)
     index = int(counter.group(1)) if counter else int(config["trial"]["index"])
     return index, dict(config["trial"]["overrides"])
 
@@ -172,7 +176,6 @@ def _population_trial(run: Callable[..., Any], worker: WorkerSpec, *, spec: Tria
         with tempfile.TemporaryDirectory(prefix="pipeline-pbt-") as directory:
             pointer = {
                 "state_url": storage.join(spec.train_storage, PBT_STATES, name, item["state"]),
-                "run": name,
                 "epochs": int(item["metrics"]["epoch"]) + 1,
                 "optim.lr": cfg.optim.lr,
                 "optim.weight_decay": cfg.optim.weight_decay,
@@ -315,7 +318,7 @@ def _search_alg(search: SearchConfig, *, base: PretrainConfig, space: SearchSpac
 def _trial_id_of(path: str) -> str:
     """A trial's id from its directory name (``trial_fn_<id>_<n>_...``; the id is ``<hex>_<00007>`` for a
     list of candidates, 8 hex digits with a search algorithm), for a trial that reported nothing."""
-    found = re.search(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+(?:_|$)", path.rstrip("/").rsplit("/", 1)[-1])
+    found = re.search(rf"_({LIST_TRIAL_ID}|[0-9a-f]{{8}})_\d+(?:_|$)", path.rstrip("/").rsplit("/", 1)[-1])
     return found.group(1) if found else path.rstrip("/").rsplit("/", 1)[-1]
 
 
